@@ -1,0 +1,93 @@
+"""Reverse diffusion: unconditional ancestral sampling and the GDP loop (Fei et al., CVPR 2023).
+
+Images in this module live in model space `[-1, 1]`, shaped `[B, C, H, W]`. Randomness comes
+from one `torch.Generator` per image, so an image's result never depends on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from gdp.prior.denoiser import Chain, PriorOutput
+
+Callback = Callable[[int, int], None]  # (steps done, steps total)
+
+
+class PredictsPrior(Protocol):
+    """Anything with the denoiser contract: a plain `Denoiser` or a patch-fused one."""
+
+    def chain(self, steps: int | None = None) -> Chain: ...
+
+    def predict(self, x_t: torch.Tensor, i: int, chain: Chain) -> PriorOutput: ...
+
+
+def randn_per_image(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+    """`[B, *shape]` standard normal noise, image b drawn from generators[b] (on the CPU)."""
+    noise = [torch.randn(tuple(shape), generator=g) for g in generators]
+    return torch.stack(noise).to(device)
+
+
+def make_generators(seed: int, n: int) -> list[torch.Generator]:
+    """Generators for n images: image k gets seed + k."""
+    return [torch.Generator().manual_seed(seed + k) for k in range(n)]
+
+
+@torch.no_grad()
+def sample_prior(denoiser: PredictsPrior, shape: Sequence[int], steps: int, generators: Sequence[torch.Generator],
+                 device: torch.device | str = "cpu", callback: Callback | None = None) -> torch.Tensor:
+    """Unconditional ancestral DDPM sampling; returns x_0 `[B, C, H, W]` in [-1, 1]."""
+    chain = denoiser.chain(steps)
+    x = randn_per_image(shape, generators, torch.device(device))
+    for n, i in enumerate(reversed(range(len(chain)))):
+        out = denoiser.predict(x, i, chain)
+        x = out.mean
+        if i > 0:
+            x = x + torch.exp(0.5 * out.log_variance) * randn_per_image(shape, generators, x.device)
+        if callback:
+            callback(n + 1, len(chain))
+    return x
+
+
+@dataclass(frozen=True)
+class GDPResult:
+    x0: torch.Tensor  # [B, C, H, W] in [-1, 1]
+    mse: torch.Tensor  # [B] final mean squared residual of A u(x0) against y, [0, 1] units
+    nfe: int  # network evaluations per image (patches count separately)
+    seconds: float
+    params: dict = field(default_factory=dict)  # estimated operator parameters (blind operators)
+
+
+def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *, guidance,
+               generators: Sequence[torch.Generator], x_shape: Sequence[int] | None = None,
+               callback: Callback | None = None) -> GDPResult:
+    """GDP (Fei et al. 2023), Alg. 2 (GDP-x0) or Alg. 1 (GDP-xt), without Sigma scaling.
+
+    y: observation `[B, ...]` in [0, 1] (what `operator.A` returns); x_shape: `[B, C, H, W]` of the
+    image to restore (default `operator.x_shape(y.shape)`); one generator per image.
+    """
+    from gdp.guidance import guidance_gradient, normaliser
+
+    t0 = time.perf_counter()
+    x_shape = tuple(x_shape or operator.x_shape(tuple(y.shape)))
+    chain = denoiser.chain(steps)
+    n = normaliser(operator, y, x_shape, guidance.size_rule)
+    scale = guidance.step_scale(len(chain))
+    x = randn_per_image(x_shape[1:], generators, y.device)  # 1. x_T ~ N(0, I)
+    nfe = getattr(denoiser, "nfe_per_call", 1)
+    for k, i in enumerate(reversed(range(len(chain)))):
+        out = denoiser.predict(x, i, chain)  # 2. eps, x0_hat, mu, Sigma from the prior
+        z = out.x0_hat if guidance.mode == "x0" else x
+        g, _ = guidance_gradient(operator, z, y, scale, n, guidance.color_weight)  # 3. g = -grad L
+        x = out.mean + g  # 4. mu~ = mu + g (no Sigma)
+        if i > 0:  # 5. x_{t-1} = mu~ + sigma z  (no noise at the last step)
+            x = x + torch.exp(0.5 * out.log_variance) * randn_per_image(x_shape[1:], generators, x.device)
+        if callback:
+            callback(k + 1, len(chain))
+    x = x.clamp(-1, 1)
+    with torch.no_grad():
+        mse = (operator.A((x + 1) / 2) - y).square().flatten(1).mean(dim=1)
+    return GDPResult(x, mse, nfe * len(chain), time.perf_counter() - t0)
