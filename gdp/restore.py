@@ -15,7 +15,7 @@ from gdp.guidance import PAPER_COLOR_WEIGHT, PAPER_SCALES, Guidance
 from gdp.metrics import consistency_psnr
 from gdp.operators import Operator, make_operator
 from gdp.prior.checkpoint import Prior
-from gdp.sampling import Callback, gdp_sample, make_generators
+from gdp.sampling import Callback, FusedDenoiser, gdp_sample, make_generators
 
 LINEAR_TASKS = ("sr", "deblur", "inpaint", "colorize")
 
@@ -42,28 +42,69 @@ def default_guidance(task: str, *, scale: float | None = None, mode: Literal["x0
                     step_rule=step_rule, size_rule=size_rule)
 
 
+class CropFirst(torch.nn.Module):
+    """`A(x[..., :height, :width])`: guide only the image part of a canvas padded up to the patch size."""
+
+    def __init__(self, inner: Operator, height: int, width: int):
+        super().__init__()
+        self.inner, self.height, self.width = inner, height, width
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.A(x[..., :self.height, :self.width])
+
+    def y_shape(self, x_shape: tuple) -> tuple:
+        return self.inner.y_shape(x_shape)
+
+
+def plan_tiling(height: int, width: int, native: int, tiling: str = "auto", patch: int | None = None,
+                stride: int | None = None) -> dict:
+    """How to cover a height x width canvas with the prior's native patch: mode, patch, stride."""
+    patch = patch or native
+    stride = stride or max(1, (3 * patch) // 4)
+    if tiling not in ("auto", "single", "fused"):
+        raise ValueError(f"unknown tiling {tiling!r}: use auto, single or fused")
+    if tiling == "auto":
+        tiling = "single" if (height, width) == (patch, patch) else "fused"
+    if tiling == "single" and (height % 4 or width % 4):
+        raise ValueError(f"single-pass sampling needs sizes divisible by 4, got {height}x{width}; use --tiling fused")
+    if tiling == "single":
+        return {"mode": "single", "patch": None, "stride": None, "n_patches": 1}
+    from gdp.tiling import plan_windows
+    n = len(plan_windows(height, width, patch, stride))
+    return {"mode": "fused", "patch": patch, "stride": stride, "n_patches": n}
+
+
 def restore(y: torch.Tensor, task: str, prior: Prior, *, operator: Operator | None = None, steps: int = 100,
-            seed: int = 0, guidance: Guidance | None = None, samples: int = 1, callback: Callback | None = None,
-            **operator_options) -> Restoration:
+            seed: int = 0, guidance: Guidance | None = None, samples: int = 1, tiling: str = "auto",
+            patch: int | None = None, stride: int | None = None, batch_size: int = 8, blend: str = "uniform",
+            callback: Callback | None = None, **operator_options) -> Restoration:
     """Restore observation(s) y `[B, C', h, w]` in [0, 1] with GDP; image b uses seed + b.
 
+    Any size: images other than the prior's native size are sampled patch-fused (`tiling`);
+    images smaller than a patch are sampled on a canvas of one patch, guided on their own area.
     `samples` > 1 averages that many posterior samples per image (an MMSE estimate).
     """
     op = operator or make_operator(task, **operator_options)
     guidance = guidance or default_guidance(task)
     device = prior.device
     y = y.to(device=device, dtype=torch.float32)
-    x_shape = tuple(op.x_shape(tuple(y.shape)))
-    x_shape = (x_shape[0], prior.spec.unet.in_channels, *x_shape[2:])
+    b, _, height, width = op.x_shape(tuple(y.shape))
+    native = patch or prior.image_size
+    canvas = (b, prior.spec.unet.in_channels, max(height, native), max(width, native))
+    guide = op if canvas[2:] == (height, width) else CropFirst(op, height, width)
+    plan = plan_tiling(canvas[2], canvas[3], prior.image_size, tiling, patch, stride)
     denoiser = prior.denoiser()
-    total = torch.zeros(x_shape, device=device)
+    if plan["mode"] == "fused":
+        denoiser = FusedDenoiser(denoiser, canvas[2], canvas[3], plan["patch"], plan["stride"],
+                                 batch_size=batch_size, blend=blend)
+    total = torch.zeros(canvas, device=device)
     nfe, seconds = 0, 0.0
     for k in range(samples):
-        gens = make_generators(seed + 1_000_003 * k, y.shape[0])
+        gens = make_generators(seed + 1_000_003 * k, b)
         step_cb = None if callback is None else (lambda n, m, k=k: callback(k * m + n, samples * m))
-        result = gdp_sample(denoiser, op, y, steps, guidance=guidance, generators=gens, x_shape=x_shape,
+        result = gdp_sample(denoiser, guide, y, steps, guidance=guidance, generators=gens, x_shape=canvas,
                             callback=step_cb)
         total += (result.x0 + 1) / 2
         nfe, seconds = nfe + result.nfe, seconds + result.seconds
-    image = (total / samples).clamp(0, 1)
-    return Restoration(image, task, steps, nfe, seconds, consistency_psnr(op, image, y))
+    image = (total / samples).clamp(0, 1)[..., :height, :width]
+    return Restoration(image, task, steps, nfe, seconds, consistency_psnr(op, image, y), plan)

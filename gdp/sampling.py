@@ -91,3 +91,44 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
     with torch.no_grad():
         mse = (operator.A((x + 1) / 2) - y).square().flatten(1).mean(dim=1)
     return GDPResult(x, mse, nfe * len(chain), time.perf_counter() - t0)
+
+
+class FusedDenoiser:
+    """Patch-fused prior for images larger than the network (GDP_REFERENCE sec. 4.1).
+
+    x_t lives at full resolution; each call runs every window through the network, `batch_size`
+    patches at a time, and merges eps, x0_hat, the posterior mean and the log-variance per pixel
+    with the blending weight, so only one batch of patches is on the device at once.
+    """
+
+    def __init__(self, denoiser: PredictsPrior, height: int, width: int, patch: int, stride: int, *,
+                 batch_size: int = 8, blend: str = "uniform"):
+        from gdp.tiling import blend_window, plan_windows
+        self.denoiser = denoiser
+        self.windows = plan_windows(height, width, patch, stride)
+        self.batch_size = batch_size
+        self.patch, self.stride, self.height, self.width = patch, stride, height, width
+        self._weight = blend_window(patch, blend)
+        self.nfe_per_call = len(self.windows)
+
+    def chain(self, steps: int | None = None) -> Chain:
+        return self.denoiser.chain(steps)
+
+    @torch.no_grad()
+    def predict(self, x_t: torch.Tensor, i: int, chain: Chain) -> PriorOutput:
+        b, c, h, w = x_t.shape
+        weight = self._weight.to(x_t.device)
+        sums = torch.zeros(4, b, c, h, w, device=x_t.device)  # eps, x0_hat, mean, log_variance
+        total = torch.zeros(h, w, device=x_t.device)
+        jobs = [(k, win) for k in range(b) for win in self.windows]
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start:start + self.batch_size]
+            out = self.denoiser.predict(torch.stack([x_t[k][win.index] for k, win in chunk]), i, chain)
+            log_var = out.log_variance.expand_as(out.mean)
+            for n, (k, win) in enumerate(chunk):
+                for field_index, value in enumerate((out.eps, out.x0_hat, out.mean, log_var)):
+                    sums[field_index, k][win.index] += weight * value[n]
+        for win in self.windows:
+            total[win.index] += weight
+        eps, x0_hat, mean, log_var = sums / total
+        return PriorOutput(eps, x0_hat, mean, log_var)

@@ -1,0 +1,5 @@
+import sys
+
+from gdp.cli import main
+
+sys.exit(main())
