@@ -154,7 +154,7 @@ def cmd_restore(args: argparse.Namespace) -> dict:
     from gdp.operators import make_operator
     from gdp.prior.checkpoint import load_prior
     from gdp.progress import ProgressBar
-    from gdp.restore import default_guidance, restore
+    from gdp.restore import default_guidance, finish_output, prepare_observation, restore
 
     if args.steps < 1 or args.samples < 1:
         raise UsageError("--steps and --samples must be >= 1")
@@ -168,11 +168,7 @@ def cmd_restore(args: argparse.Namespace) -> dict:
         options = {"mask_file": mask}
     op = make_operator(args.task, **options)
     img = read_image(args.obs)
-    y, gray_in = img.pixels, img.pixels.shape[1] == 1
-    if args.task == "colorize" and not gray_in:
-        y = op.A(y)  # a colour file holding a gray picture: take its luminance as the observation
-    elif args.task != "colorize" and gray_in:
-        y = y.expand(-1, 3, -1, -1)
+    y, gray_in = prepare_observation(img.pixels, args.task, op)
     prior = load_prior(args.prior, preset=args.preset, device=resolve_device(args.device))
     rule = "paper" if args.paper_scale else None
     guidance = default_guidance(args.task, scale=args.scale, mode=args.guidance,
@@ -181,7 +177,7 @@ def cmd_restore(args: argparse.Namespace) -> dict:
     result = restore(y, args.task, prior, operator=op, steps=args.steps, seed=args.seed, guidance=guidance,
                      samples=args.samples, tiling=args.tiling, patch=args.patch, stride=args.stride,
                      batch_size=args.batch_size, blend=args.blend, callback=bar)
-    image = result.image.mean(dim=1, keepdim=True) if gray_in and args.task != "colorize" else result.image
+    image = finish_output(result.image, args.task, gray_in)
     write_image(args.out, image.cpu(), bit_depth=img.bit_depth, icc_profile=img.icc_profile, exif=img.exif,
                 protect=args.obs)
     return {"task": args.task, "input": args.obs, "output": args.out, "width": image.shape[-1],

@@ -10,6 +10,10 @@ Two rules make one scale `s` mean the same thing everywhere (GDP_REFERENCE sec. 
   grow; at 256x256 this is exactly the paper's mean. `size_rule="paper"` uses the actual mean.
 - steps: `s` is quoted for the paper's 1000 steps; with K steps each step applies
   s * 1000 / K, keeping the total pull over the chain constant. `step_rule="paper"` keeps s.
+  One step moves A u(z) by -(s/2N) A A^T r, so a per-step scale above 2N / ||A||^2 would
+  overshoot the observation (and diverge above twice that): the per-step scale is capped at
+  `max_correction` * 2N / ||A||^2, ||A||^2 found by power iteration (this only binds below
+  about 50 steps with the paper's scales).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Guidance:
     color_weight: float = 0.0  # weight of the colour-constancy loss L_col (colorization: 500)
     step_rule: Literal["constant-total", "paper"] = "constant-total"
     size_rule: Literal["per-pixel", "paper"] = "per-pixel"
+    max_correction: float | None = 1.0  # cap on the per-step pull (fraction of a full correction)
 
     def __post_init__(self):
         if self.mode not in ("x0", "xt"):
@@ -45,6 +50,23 @@ class Guidance:
     def step_scale(self, steps: int) -> float:
         """s applied at each of `steps` steps."""
         return self.scale * (REFERENCE_STEPS / steps if self.step_rule == "constant-total" else 1.0)
+
+
+def operator_norm_sq(operator, x_shape: tuple[int, ...], device: torch.device | str = "cpu",
+                     iterations: int = 30) -> float:
+    """||A||^2, the largest eigenvalue of A^T A (power iteration through autograd) on one image of x_shape."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn((1, *x_shape[1:]), generator=g).to(device)
+    v = v / v.norm()
+    value = 0.0
+    for _ in range(iterations):
+        with torch.enable_grad():
+            x = v.detach().requires_grad_(True)
+            ax = operator.A(x)
+            (ata_v,) = torch.autograd.grad(ax, x, grad_outputs=ax.detach())
+        value = float((v * ata_v).sum())
+        v = ata_v / ata_v.norm().clamp_min(1e-30)
+    return value
 
 
 def color_constancy(z: torch.Tensor) -> torch.Tensor:

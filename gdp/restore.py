@@ -7,7 +7,7 @@ model space [-1, 1] (conversion happens in `gdp.sampling`/`gdp.guidance` only th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from gdp.guidance import PAPER_COLOR_WEIGHT, PAPER_SCALES, Guidance
 from gdp.metrics import consistency_psnr
 from gdp.operators import Operator, make_operator
 from gdp.prior.checkpoint import Prior
-from gdp.sampling import Callback, FusedDenoiser, gdp_sample, make_generators
+from gdp.sampling import Callback, FusedDenoiser, gdp_sample
 
 LINEAR_TASKS = ("sr", "deblur", "inpaint", "colorize")
 
@@ -40,6 +40,23 @@ def default_guidance(task: str, *, scale: float | None = None, mode: Literal["x0
     return Guidance(scale=PAPER_SCALES[task] if scale is None else scale, mode=mode,
                     color_weight=PAPER_COLOR_WEIGHT if task == "colorize" else 0.0,
                     step_rule=step_rule, size_rule=size_rule)
+
+
+def prepare_observation(pixels: torch.Tensor, task: str, operator: Operator) -> tuple[torch.Tensor, bool]:
+    """(y, gray_input) from decoded pixels `[B, 1 or 3, H, W]` in [0, 1].
+
+    colorize wants one channel (a colour file holding a gray picture gives its luminance);
+    the other tasks restore colour, so a gray observation is repeated over RGB.
+    """
+    gray = pixels.shape[1] == 1
+    if task == "colorize":
+        return (pixels if gray else operator.A(pixels)), gray
+    return (pixels.expand(-1, 3, -1, -1) if gray else pixels), gray
+
+
+def finish_output(image: torch.Tensor, task: str, gray_input: bool) -> torch.Tensor:
+    """A gray input (other than for colorize) gives a gray output."""
+    return image.mean(dim=1, keepdim=True) if gray_input and task != "colorize" else image
 
 
 class CropFirst(torch.nn.Module):
@@ -75,11 +92,13 @@ def plan_tiling(height: int, width: int, native: int, tiling: str = "auto", patc
 
 
 def restore(y: torch.Tensor, task: str, prior: Prior, *, operator: Operator | None = None, steps: int = 100,
-            seed: int = 0, guidance: Guidance | None = None, samples: int = 1, tiling: str = "auto",
+            seed: int | Sequence[int] = 0, guidance: Guidance | None = None, samples: int = 1, tiling: str = "auto",
             patch: int | None = None, stride: int | None = None, batch_size: int = 8, blend: str = "uniform",
             callback: Callback | None = None, **operator_options) -> Restoration:
-    """Restore observation(s) y `[B, C', h, w]` in [0, 1] with GDP; image b uses seed + b.
+    """Restore observation(s) y `[B, C', h, w]` in [0, 1] with GDP.
 
+    `seed`: one int per image, or an int s (image b then uses s + b). An image's result depends
+    only on its own observation and seed, never on its batch-mates.
     Any size: images other than the prior's native size are sampled patch-fused (`tiling`);
     images smaller than a patch are sampled on a canvas of one patch, guided on their own area.
     `samples` > 1 averages that many posterior samples per image (an MMSE estimate).
@@ -97,10 +116,13 @@ def restore(y: torch.Tensor, task: str, prior: Prior, *, operator: Operator | No
     if plan["mode"] == "fused":
         denoiser = FusedDenoiser(denoiser, canvas[2], canvas[3], plan["patch"], plan["stride"],
                                  batch_size=batch_size, blend=blend)
+    seeds = [seed + k for k in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != b:
+        raise ValueError(f"got {len(seeds)} seeds for {b} images")
     total = torch.zeros(canvas, device=device)
     nfe, seconds = 0, 0.0
     for k in range(samples):
-        gens = make_generators(seed + 1_000_003 * k, b)
+        gens = [torch.Generator().manual_seed(s + 1_000_003 * k) for s in seeds]
         step_cb = None if callback is None else (lambda n, m, k=k: callback(k * m + n, samples * m))
         result = gdp_sample(denoiser, guide, y, steps, guidance=guidance, generators=gens, x_shape=canvas,
                             callback=step_cb)

@@ -69,13 +69,15 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
     y: observation `[B, ...]` in [0, 1] (what `operator.A` returns); x_shape: `[B, C, H, W]` of the
     image to restore (default `operator.x_shape(y.shape)`); one generator per image.
     """
-    from gdp.guidance import guidance_gradient, normaliser
+    from gdp.guidance import guidance_gradient, normaliser, operator_norm_sq
 
     t0 = time.perf_counter()
     x_shape = tuple(x_shape or operator.x_shape(tuple(y.shape)))
     chain = denoiser.chain(steps)
     n = normaliser(operator, y, x_shape, guidance.size_rule)
     scale = guidance.step_scale(len(chain))
+    if guidance.max_correction:  # never overshoot the observation in one step (gdp.guidance)
+        scale = min(scale, guidance.max_correction * 2 * n / operator_norm_sq(operator, x_shape, y.device))
     x = randn_per_image(x_shape[1:], generators, y.device)  # 1. x_T ~ N(0, I)
     nfe = getattr(denoiser, "nfe_per_call", 1)
     for k, i in enumerate(reversed(range(len(chain)))):

@@ -115,9 +115,9 @@ def _read_bytes(uri: str) -> bytes:
         raise CheckpointError(f"{uri}: cannot read checkpoint ({e})") from None
 
 
-def read_checkpoint(uri: str) -> tuple[dict, dict]:
+def read_checkpoint(uri: str, data: bytes | None = None) -> tuple[dict, dict]:
     """(state_dict, metadata) from a .safetensors or .pt/.pth file; metadata may be empty."""
-    data = _read_bytes(uri)
+    data = _read_bytes(uri) if data is None else data
     name = uri.lower()
     if name.endswith(".safetensors"):
         from safetensors.torch import load as st_load
@@ -142,24 +142,25 @@ def read_checkpoint(uri: str) -> tuple[dict, dict]:
     raise CheckpointError(f"{uri}: unknown checkpoint type; use .safetensors, .pt or .pth")
 
 
+def prior_uri(source: str) -> str:
+    return str(DEFAULT_PRIOR) if source == "default" else str(source)
+
+
 def load_prior(source: str = "default", *, preset: str | None = None, device: str | torch.device = "cpu") -> Prior:
     """Load a prior. `source`: "default", a path or an fsspec URL; `preset` names the architecture
     for checkpoints that carry no config (guided-diffusion .pt files default to adm-256-uncond)."""
-    uri = str(DEFAULT_PRIOR) if source == "default" else str(source)
+    uri = prior_uri(source)
     if source == "default" and not DEFAULT_PRIOR.exists():
         raise CheckpointError(f"{uri}: the default prior is not installed (train one with `gdp train`)")
-    state, meta = read_checkpoint(uri)
+    data = _read_bytes(uri)
+    state, meta = read_checkpoint(uri, data)
     if preset is not None:
         spec = PriorSpec.from_preset(preset)
     elif "gdp_spec" in meta:
         spec = PriorSpec.from_dict(json.loads(meta["gdp_spec"]))
     else:
         spec = PriorSpec.from_preset("adm-256-uncond")
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].float().numpy().tobytes()[:4096])
-    prior_id = (spec.preset or "custom") + "-" + digest.hexdigest()[:12]
+    prior_id = (spec.preset or "custom") + "-" + hashlib.sha256(data).hexdigest()[:12]
     prior = build_prior(spec, state, device=device, prior_id=prior_id, source=uri)
     prior.extra = {k: v for k, v in meta.items() if k != "gdp_spec"}
     return prior
