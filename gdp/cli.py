@@ -40,28 +40,15 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
 
 def operator_options(args: argparse.Namespace) -> dict:
     """Keyword options of `make_operator` from the parsed task options."""
-    if args.task == "sr":
-        return {"factor": args.factor, "filter": args.filter}
-    if args.task == "deblur":
-        if args.kernel_file:
-            return {"kernel_file": args.kernel_file, "mode": args.blur_mode}
-        if args.sigma is not None:
-            return {"sigma": args.sigma, "kernel_size": args.kernel_size, "mode": args.blur_mode}
-        return {"mode": args.blur_mode}
-    if args.task == "inpaint":
-        if args.mask:
-            return {"mask_file": args.mask}
-        if args.mask_ratio is not None:
-            return {"ratio": args.mask_ratio, "seed": args.mask_seed}
-        if args.box:
-            try:
-                box = tuple(int(v) for v in args.box.split(","))
-                assert len(box) == 4
-            except (ValueError, AssertionError):
-                raise UsageError(f"--box must be X,Y,W,H integers, got {args.box!r}") from None
-            return {"box": box}
-        return {}
-    return {}
+    from gdp.restore import operator_options as options
+    fields = vars(args).copy()
+    if args.box:
+        try:
+            fields["box"] = tuple(int(v) for v in args.box.split(","))
+            assert len(fields["box"]) == 4
+        except (ValueError, AssertionError):
+            raise UsageError(f"--box must be X,Y,W,H integers, got {args.box!r}") from None
+    return options(**fields)
 
 
 def mask_uri(observation_uri: str) -> str:

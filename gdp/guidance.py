@@ -81,7 +81,10 @@ def normaliser(operator, y: torch.Tensor, x_shape: tuple[int, ...], size_rule: s
     if size_rule == "paper":
         return y[0].numel()
     c = x_shape[1]
-    return int(torch.Size(operator.y_shape((1, c, REFERENCE_SIZE, REFERENCE_SIZE))).numel())
+    try:
+        return int(torch.Size(operator.y_shape((1, c, REFERENCE_SIZE, REFERENCE_SIZE))).numel())
+    except ValueError:  # bound to one size (an explicit inpainting mask): a same-size operator
+        return y.shape[1] * REFERENCE_SIZE * REFERENCE_SIZE
 
 
 def residual_sq(operator, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,33 @@ def default_guidance(task: str, *, scale: float | None = None, mode: Literal["x0
                     step_rule=step_rule, size_rule=size_rule)
 
 
+def operator_options(task: str, *, factor: int = 4, filter: str = "avgpool", sigma: float | None = None,
+                     kernel_size: int | None = None, kernel_file: str | None = None, blur_mode: str = "same",
+                     mask: str | None = None, mask_ratio: float | None = None, mask_seed: int = 0,
+                     box: Sequence[int] | None = None, **_ignored) -> dict:
+    """`make_operator` keywords from the flat task options shared by the CLI and the flows.
+
+    inpaint takes the first of: a mask file (`mask`, not "sidecar"), a random ratio, a box; with
+    none of them the caller supplies the mask (the CLI and the pipeline look for IMAGE.mask.png).
+    """
+    if task == "sr":
+        return {"factor": factor, "filter": filter}
+    if task == "deblur":
+        if kernel_file:
+            return {"kernel_file": kernel_file, "mode": blur_mode}
+        if sigma is not None:
+            return {"sigma": sigma, "kernel_size": kernel_size, "mode": blur_mode}
+        return {"mode": blur_mode}
+    if task == "inpaint":
+        if mask and mask != "sidecar":
+            return {"mask_file": mask}
+        if mask_ratio is not None:
+            return {"ratio": mask_ratio, "seed": mask_seed}
+        if box is not None:
+            return {"box": tuple(int(v) for v in box)}
+    return {}
+
+
 def prepare_observation(pixels: torch.Tensor, task: str, operator: Operator) -> tuple[torch.Tensor, bool]:
     """(y, gray_input) from decoded pixels `[B, 1 or 3, H, W]` in [0, 1].
 

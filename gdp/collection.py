@@ -1,0 +1,363 @@
+"""Restore whole collections: the library half of the pipeline (no Prefect here).
+
+discover -> plan (header + content hash) -> skip what a previous run already did -> shards of
+whole images packed by patch count -> restore a shard on one device, writing each restored
+image to a work area -> assemble (metrics, atomic write in the input's format, clean-up) ->
+Parquet manifest (one row per input per run). `flows/restore_collection.py` orchestrates these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import threading
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from functools import lru_cache
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from gdp import __version__
+from gdp.io import ImageError, list_images, read_image, read_info, relative_path, write_image
+
+MANIFEST_DIR = "_manifests"
+WORK_DIR = "_work"
+MASK_SUFFIX = ".mask.png"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides a restoration's result (hashed into `config_hash`) plus how to run it."""
+
+    task: str = "sr"
+    options: dict = field(default_factory=dict)  # operator options (make_operator keywords)
+    prior: str = "default"
+    preset: str | None = None
+    steps: int = 100
+    seed: int = 0
+    guidance: str = "x0"
+    scale: float | None = None
+    samples: int = 1
+    tiling: str = "auto"
+    patch: int | None = None
+    stride: int | None = None
+    blend: str = "uniform"
+    # execution only (not hashed)
+    batch_size: int = 8
+    mask: str = "sidecar"  # inpaint: "sidecar" (IMAGE.mask.png), or a mask URI for every image
+    storage_options: dict = field(default_factory=dict, repr=False)
+
+    def result_config(self, prior_id: str) -> dict:
+        keys = ("task", "options", "steps", "seed", "guidance", "scale", "samples", "tiling", "patch", "stride",
+                "blend", "mask")
+        return {"gdp": __version__, "prior_id": prior_id, **{k: getattr(self, k) for k in keys}}
+
+    def config_hash(self, prior_id: str) -> str:
+        blob = json.dumps(self.result_config(prior_id), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One input image and where its results go (small, JSON-able: passed between tasks)."""
+
+    source_uri: str
+    relpath: str
+    output_uri: str
+    width: int = 0
+    height: int = 0
+    n_patches: int = 0
+    content_sha256: str = ""
+    status: str = "pending"  # pending | skipped | failed
+    error: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# discover and plan
+
+
+def discover(input_uri: str, pattern: str = "**/*", max_images: int | None = None,
+             storage_options: dict | None = None) -> list[str]:
+    """Image URIs under input_uri (sorted), without inpainting sidecar masks."""
+    uris = [u for u in list_images(input_uri, pattern, **(storage_options or {})) if not u.endswith(MASK_SUFFIX)]
+    return uris[:max_images] if max_images else uris
+
+
+def join_uri(base: str, *parts: str) -> str:
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def output_uri_for(output_root: str, relpath: str) -> str:
+    return join_uri(output_root, relpath)
+
+
+def sha256_uri(uri: str, storage_options: dict | None = None, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def plan_image(uri: str, input_uri: str, output_root: str, settings: Settings, native: int,
+               max_pixels: int | None = None) -> ImageJob:
+    """Header-only plan of one input (size, patches) plus its content hash; failures become a failed job."""
+    from gdp.operators import make_operator
+    from gdp.restore import plan_tiling
+    rel = relative_path(input_uri, uri) if uri != input_uri else posixpath.basename(uri)
+    job = ImageJob(uri, rel, output_uri_for(output_root, rel))
+    try:
+        kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+        info = read_info(uri, **kwargs, **settings.storage_options)
+        sha = sha256_uri(uri, settings.storage_options)
+        op = make_operator(settings.task, **_options_for_shape(settings))
+        _, _, h, w = op.x_shape((1, info.channels, info.height, info.width))
+        plan = plan_tiling(max(h, native), max(w, native), native, settings.tiling, settings.patch, settings.stride)
+        return replace(job, width=w, height=h, n_patches=plan["n_patches"], content_sha256=sha)
+    except (ImageError, ValueError) as e:
+        return replace(job, status="failed", error=one_line(e))
+
+
+def _options_for_shape(settings: Settings) -> dict:
+    """Operator options good enough to compute shapes (masks are per image and do not change them)."""
+    opts = dict(settings.options)
+    if settings.task == "inpaint":
+        opts = {"ratio": 0.0} if not {"ratio", "box"} & set(opts) else opts
+    return opts
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, (ImageError, ValueError)) else f"{type(e).__name__}: {text}"
+
+
+def previous_successes(output_root: str, storage_options: dict | None = None) -> set[tuple[str, str]]:
+    """(content_sha256, config_hash) of every ok row in earlier manifests under output_root."""
+    import pandas as pd
+    fs, root = fsspec.core.url_to_fs(join_uri(output_root, MANIFEST_DIR), **(storage_options or {}))
+    if not fs.exists(root):
+        return set()
+    done = set()
+    for path in fs.glob(join_uri(root, "*.parquet")):
+        with fs.open(path, "rb") as f:
+            df = pd.read_parquet(f, columns=["status", "content_sha256", "config_hash"])
+        ok = df[df.status == "ok"]
+        done.update(zip(ok.content_sha256, ok.config_hash))
+    return done
+
+
+def make_shards(jobs: list[ImageJob], shard_patches: int) -> list[list[ImageJob]]:
+    """Pack whole images (fused sampling keeps an image's patches together) into shards of
+    about `shard_patches` patches, largest images first; a bigger image is a shard of its own."""
+    shards: list[list[ImageJob]] = []
+    current, size = [], 0
+    for job in sorted(jobs, key=lambda j: -j.n_patches):
+        if current and size + job.n_patches > shard_patches:
+            shards.append(current)
+            current, size = [], 0
+        current.append(job)
+        size += job.n_patches
+    if current:
+        shards.append(current)
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# restore a shard on one device
+
+_PRIOR_LOCK = threading.Lock()
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+
+
+def device_lock(device: str) -> threading.Lock:
+    """One lock per device in this process: tasks on threads take turns on a GPU."""
+    with _PRIOR_LOCK:
+        return _DEVICE_LOCKS.setdefault(device, threading.Lock())
+
+
+@lru_cache(maxsize=4)
+def _cached_prior(source: str, preset: str | None, device: str):
+    from gdp.prior.checkpoint import load_prior
+    return load_prior(source, preset=preset, device=device)
+
+
+def cached_prior(source: str, preset: str | None, device: str):
+    """The prior, loaded once per worker process and device."""
+    with _PRIOR_LOCK:
+        return _cached_prior(source, preset, device)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What a shard reports for one image: the restored pixels' location in the work area, or an error."""
+
+    job: ImageJob
+    work_uri: str = ""
+    nfe: int = 0
+    seconds: float = 0.0
+    consistency_psnr: float | None = None
+    tiling: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def restore_shard(jobs: list[ImageJob], settings: Settings, work_root: str, device: str = "auto",
+                  progress=None) -> list[ImageResult]:
+    """Restore every image of a shard on `device`; an image that cannot be read is an error row, not a crash.
+
+    Transient errors (storage, device) propagate, so the orchestrator can retry the shard.
+    """
+    device = resolve_device(device)
+    prior = cached_prior(settings.prior, settings.preset, device)
+    results = []
+    with device_lock(device):
+        for job in jobs:
+            try:
+                results.append(_restore_one(job, settings, prior, work_root))
+            except (ImageError, ValueError) as e:
+                results.append(ImageResult(job, error=one_line(e)))
+            if progress:
+                progress(job)
+    return results
+
+
+def _operator_for(job: ImageJob, settings: Settings):
+    from gdp.operators import make_operator
+    opts = dict(settings.options)
+    if settings.task == "inpaint" and not {"ratio", "box", "mask_file"} & set(opts):
+        opts["mask_file"] = job.source_uri.rsplit(".", 1)[0] + MASK_SUFFIX if settings.mask == "sidecar" else settings.mask
+    return make_operator(settings.task, **opts)
+
+
+def _restore_one(job: ImageJob, settings: Settings, prior, work_root: str) -> ImageResult:
+    from gdp.restore import default_guidance, prepare_observation, restore
+    img = read_image(job.source_uri, **settings.storage_options)
+    op = _operator_for(job, settings)
+    y, gray = prepare_observation(img.pixels, settings.task, op)
+    guidance = default_guidance(settings.task, scale=settings.scale, mode=settings.guidance)
+    result = restore(y, settings.task, prior, operator=op, steps=settings.steps, seed=[settings.seed],
+                     guidance=guidance, samples=settings.samples, tiling=settings.tiling, patch=settings.patch,
+                     stride=settings.stride, batch_size=settings.batch_size, blend=settings.blend)
+    work_uri = join_uri(work_root, hashlib.sha1(job.relpath.encode()).hexdigest()[:16] + ".safetensors")
+    _save_tile(work_uri, result.image[0].cpu(), {"gray": str(gray), "bit_depth": str(img.bit_depth)},
+               settings.storage_options)
+    return ImageResult(job, work_uri, result.nfe, result.seconds, float(result.consistency_psnr[0]), result.tiling)
+
+
+def _save_tile(uri: str, pixels: torch.Tensor, meta: dict, storage_options: dict) -> None:
+    from safetensors.torch import save
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, save({"pixels": pixels.contiguous()}, metadata=meta))
+
+
+def _load_tile(uri: str, storage_options: dict) -> tuple[torch.Tensor, dict]:
+    from safetensors.torch import load
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    data = fs.cat_file(path)
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+    return load(data)["pixels"], meta
+
+
+# ---------------------------------------------------------------------------------------------
+# assemble and manifest
+
+
+def assemble(result: ImageResult, settings: Settings, prior_id: str, config_hash: str, run_id: str,
+             reference_uri: str | None = None) -> dict:
+    """Write the restored image next to its relative path (input format, bit depth, ICC/EXIF kept),
+    compute metrics, remove the work file; returns the manifest row."""
+    from gdp.metrics import psnr, ssim
+    from gdp.restore import finish_output
+    job = result.job
+    row = manifest_row(job, settings, prior_id, config_hash, run_id)
+    if result.error:
+        return {**row, "status": "failed", "error": result.error}
+    pixels, meta = _load_tile(result.work_uri, settings.storage_options)
+    image = finish_output(pixels[None], settings.task, meta.get("gray") == "True")
+    src = read_image(job.source_uri, **settings.storage_options)  # ICC/EXIF to carry over
+    write_image(job.output_uri, image, bit_depth=src.bit_depth, icc_profile=src.icc_profile, exif=src.exif,
+                protect=job.source_uri, **settings.storage_options)
+    row.update(status="ok", nfe=result.nfe, seconds=round(result.seconds, 3),
+               consistency_psnr=result.consistency_psnr, n_patches=result.tiling.get("n_patches", job.n_patches))
+    if reference_uri:
+        ref = read_image(join_uri(reference_uri, job.relpath), **settings.storage_options).pixels
+        if ref.shape[-2:] != image.shape[-2:]:
+            raise ImageError(join_uri(reference_uri, job.relpath),
+                             f"reference is {ref.shape[-1]}x{ref.shape[-2]}, output is {image.shape[-1]}x{image.shape[-2]}")
+        out = image.expand_as(ref) if ref.shape[1] == 3 else image.mean(dim=1, keepdim=True)
+        row.update(psnr=float(psnr(out, ref)[0]), ssim=float(ssim(out, ref)[0]))
+    fs, path = fsspec.core.url_to_fs(result.work_uri, **settings.storage_options)
+    fs.rm(path)
+    return row
+
+
+def manifest_row(job: ImageJob, settings: Settings, prior_id: str, config_hash: str, run_id: str) -> dict:
+    return {"source_uri": job.source_uri, "output_uri": job.output_uri, "status": job.status, "error": job.error,
+            "task": settings.task, "params_json": json.dumps(settings.result_config(prior_id), sort_keys=True, default=str),
+            "width": job.width, "height": job.height, "n_patches": job.n_patches, "steps": settings.steps,
+            "nfe": 0, "seconds": 0.0, "consistency_psnr": None, "psnr": None, "ssim": None,
+            "estimated_params_json": "{}", "seed": settings.seed, "prior_id": prior_id, "config_hash": config_hash,
+            "content_sha256": job.content_sha256, "flow_run_id": run_id,
+            "finished_at": datetime.now(timezone.utc)}
+
+
+def manifest_schema():
+    import pyarrow as pa
+    return pa.schema([
+        ("source_uri", pa.string()), ("output_uri", pa.string()), ("status", pa.string()), ("error", pa.string()),
+        ("task", pa.string()), ("params_json", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+        ("n_patches", pa.int64()), ("steps", pa.int64()), ("nfe", pa.int64()), ("seconds", pa.float64()),
+        ("consistency_psnr", pa.float64()), ("psnr", pa.float64()), ("ssim", pa.float64()),
+        ("estimated_params_json", pa.string()), ("seed", pa.int64()), ("prior_id", pa.string()),
+        ("config_hash", pa.string()), ("content_sha256", pa.string()), ("flow_run_id", pa.string()),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ])
+
+
+def write_manifest(rows: list[dict], output_root: str, run_id: str, storage_options: dict | None = None) -> str:
+    """One Parquet file per run at OUTPUT/_manifests/run-<run_id>.parquet (written in one upload)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    schema = manifest_schema()
+    table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    uri = join_uri(output_root, MANIFEST_DIR, f"run-{run_id}.parquet")
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if isinstance(fs, LocalFileSystem):  # rename for atomicity; object stores' single PUT already is
+        tmp = path + ".tmp"
+        fs.pipe_file(tmp, buf.getvalue())
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, buf.getvalue())
+    return uri
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Counts and mean/min metrics for the run's summary artifact."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    megapixels = sum(r["width"] * r["height"] for r in ok) / 1e6
+    seconds = sum(r["seconds"] for r in ok)
+
+    def stat(key, fn):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        return round(fn(values), 3) if values else None
+
+    return {"images": len(rows), "ok": len(ok), "skipped": sum(r["status"] == "skipped" for r in rows),
+            "failed": sum(r["status"] == "failed" for r in rows),
+            "mean_consistency_psnr": stat("consistency_psnr", lambda v: sum(v) / len(v)),
+            "min_consistency_psnr": stat("consistency_psnr", min),
+            "mean_psnr": stat("psnr", lambda v: sum(v) / len(v)), "min_psnr": stat("psnr", min),
+            "mean_ssim": stat("ssim", lambda v: sum(v) / len(v)),
+            "seconds_per_megapixel": round(seconds / megapixels, 2) if megapixels else None}
