@@ -43,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reference-uri")
     r.add_argument("--max-images", type=int)
     r.add_argument("--overwrite", action="store_true")
+    t = sub.add_parser("train", help="train a prior (train-prior flow)")
+    t.add_argument("data_uri")
+    t.add_argument("output_uri")
+    t.add_argument("--preset", default="adm-small-64")
+    t.add_argument("--crop", type=int, default=64)
+    t.add_argument("--steps", type=int, default=10000)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--checkpoint-every", type=int, default=250)
+    t.add_argument("--exclude", nargs="*", default=[])
+    t.add_argument("--max-minutes", type=float)
+    t.add_argument("--init-from")
+    t.add_argument("--device", default="auto")
     d = sub.add_parser("demo", help="restore the bundled samples (x4 super-resolution) with the default prior")
     d.add_argument("--output-uri", default=str(ROOT / "out" / "demo"))
     d.add_argument("--steps", type=int, default=50)
@@ -123,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_restore(restore_parameters(args))
         if args.command == "demo":
             return run_demo(args)
+        if args.command == "train":
+            from flows.train_prior import train_prior
+            params = {k: v for k, v in vars(args).items() if k != "command"}
+            print(train_prior(**params))
+            return 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,10 @@ from gdp.prior.checkpoint import Prior, PriorSpec, build_prior, save_prior
 
 TINY_PRESET = "adm-tiny-32"
 
+# Two shared cores and a background job: one intra-op thread is several times faster than two
+# fighting threads for these tiny networks (and the results do not depend on it).
+torch.set_num_threads(1)
+
 
 def randomise_(prior: Prior, seed: int = 0, std: float = 0.1) -> Prior:
     """Redraw every weight as std * randn: the real init zeroes the output convs, so eps and v
