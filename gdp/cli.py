@@ -137,7 +137,7 @@ def cmd_degrade(args: argparse.Namespace) -> dict:
 
 def cmd_restore(args: argparse.Namespace) -> dict:
     import fsspec
-    from gdp.io import read_image, write_image
+    from gdp.io import read_image, same_location, write_image
     from gdp.operators import make_operator
     from gdp.prior.checkpoint import load_prior
     from gdp.progress import ProgressBar
@@ -145,6 +145,8 @@ def cmd_restore(args: argparse.Namespace) -> dict:
 
     if args.steps < 1 or args.samples < 1:
         raise UsageError("--steps and --samples must be >= 1")
+    if same_location(args.out, args.obs):
+        raise UsageError(f"{args.out}: refusing to overwrite the input; choose another output path")
     options = operator_options(args)
     if args.task == "inpaint" and not options:
         mask = mask_uri(args.obs)

@@ -465,7 +465,7 @@ def write_image(uri: str | os.PathLike[str], pixels: torch.Tensor, *, bit_depth:
     """
     uri = os.fspath(uri)
     fmt = _output_format(uri, format, bit_depth)
-    if protect is not None and _same_location(uri, os.fspath(protect), storage_options):
+    if protect is not None and same_location(uri, os.fspath(protect), storage_options):
         raise ImageError(uri, f"refusing to overwrite the input {protect}")
     samples = _quantise(pixels, bit_depth)
     data = _encode(samples, fmt, icc_profile, exif and _upright_exif(exif), quality)
@@ -585,10 +585,10 @@ def _write_atomic(uri: str, data: bytes, storage_options: dict[str, Any]) -> Non
         raise
 
 
-def _same_location(uri: str, other: str, storage_options: dict[str, Any]) -> bool:
+def same_location(uri: str, other: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether two URLs name the same file (symlinks resolved for local paths)."""
-    fs_a, path_a = fsspec.core.url_to_fs(uri, **storage_options)
-    fs_b, path_b = fsspec.core.url_to_fs(other, **storage_options)
+    fs_a, path_a = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs_b, path_b = fsspec.core.url_to_fs(other, **(storage_options or {}))
     if type(fs_a) is not type(fs_b):
         return False
     if isinstance(fs_a, LocalFileSystem):

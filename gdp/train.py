@@ -243,7 +243,10 @@ def train(cfg: TrainConfig, *, progress: Callable[[TrainProgress], None] | None 
         log(f"skipped {s}")
     log(f"training on {len(images)} images ({len(skipped)} skipped) on {device}")
     spec = spec_for(cfg)
-    unet = UNet(spec.unet).to(device).to(memory_format=torch.channels_last)
+    with torch.random.fork_rng(devices=[]):  # initial weights from cfg.seed; the caller's RNG is left as it was
+        torch.manual_seed(cfg.seed)
+        unet = UNet(spec.unet)
+    unet = unet.to(device).to(memory_format=torch.channels_last)
     ema = UNet(spec.unet).to(device).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
