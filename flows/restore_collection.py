@@ -51,8 +51,9 @@ class TilingOptions(BaseModel):
 
 
 def _transient(task_, task_run, state) -> bool:
-    """Retry storage/device hiccups, never bad input (it fails the same way again)."""
-    return not isinstance(state.data, (ImageError, ValueError))
+    """Retry storage, network and device hiccups; never bad input or programming errors."""
+    exc = state.data
+    return isinstance(exc, (OSError, TimeoutError, RuntimeError)) and not isinstance(exc, (ImageError, ValueError))
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient,
@@ -145,7 +146,7 @@ def restore_collection(
     shards = col.make_shards(todo, shard_patches)
     shard_futures = [restore_shard.submit(shard, k, settings, work_root, devices[k % len(devices)])
                      for k, shard in enumerate(shards)]
-    assembling = []
+    assembling = {}  # future -> the ImageResult it assembles
     for fut in as_completed(shard_futures):
         fut.wait()  # stores the final state locally (the API lags behind)
         results = fut.result(raise_on_failure=False)
@@ -153,13 +154,17 @@ def restore_collection(
             shard = shards[shard_futures.index(fut)]
             results = [col.ImageResult(job, error=col.one_line(results)) for job in shard]
         for result in results:
-            assembling.append(assemble.submit(result, result.job.relpath, settings, model.prior_id, config_hash,
-                                              run_id, reference_uri))
-    for fut in as_completed(assembling):
+            assembling[assemble.submit(result, result.job.relpath, settings, model.prior_id, config_hash,
+                                       run_id, reference_uri)] = result
+    for fut in as_completed(list(assembling)):
         fut.wait()
         row = fut.result(raise_on_failure=False)
-        record(row if isinstance(row, dict) else {"status": "failed", "error": col.one_line(row)})
-    wait(assembling)
+        if not isinstance(row, dict):  # assemble failed after its retries: a full row, so _report works
+            job = assembling[fut].job
+            row = {**col.manifest_row(job, settings, model.prior_id, config_hash, run_id),
+                   "status": "failed", "error": col.one_line(row)}
+        record(row)
+    wait(list(assembling))
     _clean_work_area(work_root, storage)
     manifest = write_manifest(rows, output_uri, run_id, storage)
     _report(rows, manifest)
@@ -201,9 +206,13 @@ def _exists(uri: str, storage: dict) -> bool:
 
 
 def _clean_work_area(work_root: str, storage: dict) -> None:
+    """Remove this run's work folder, and the work area itself once no other run uses it."""
     fs, path = fsspec.core.url_to_fs(work_root, **storage)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+    parent = posixpath.dirname(path.rstrip("/"))
+    if fs.exists(parent) and not fs.ls(parent):
+        fs.rm(parent, recursive=True)
 
 
 def _report(rows: list[dict], manifest: str) -> None:

@@ -19,6 +19,7 @@ from functools import lru_cache
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from PIL import UnidentifiedImageError
 
 from gdp import __version__
 from gdp.io import ImageError, list_images, read_image, read_info, relative_path, write_image
@@ -45,9 +46,9 @@ class Settings:
     patch: int | None = None
     stride: int | None = None
     blend: str = "uniform"
+    mask: str = "sidecar"  # inpaint: "sidecar" (IMAGE.mask.png), or a mask URI for every image
     # execution only (not hashed)
     batch_size: int = 8
-    mask: str = "sidecar"  # inpaint: "sidecar" (IMAGE.mask.png), or a mask URI for every image
     storage_options: dict = field(default_factory=dict, repr=False)
 
     def result_config(self, prior_id: str) -> dict:
@@ -234,7 +235,11 @@ def _operator_for(job: ImageJob, settings: Settings):
     opts = dict(settings.options)
     if settings.task == "inpaint" and not {"ratio", "box", "mask_file"} & set(opts):
         opts["mask_file"] = job.source_uri.rsplit(".", 1)[0] + MASK_SUFFIX if settings.mask == "sidecar" else settings.mask
-    return make_operator(settings.task, **opts)
+    try:
+        return make_operator(settings.task, **opts)
+    except (FileNotFoundError, UnidentifiedImageError) as e:  # a missing/unreadable mask is bad input: no retry
+        raise ImageError(job.source_uri, f"cannot read the inpainting mask {opts.get('mask_file')} "
+                                         f"({type(e).__name__})") from e
 
 
 def _restore_one(job: ImageJob, settings: Settings, prior, work_root: str) -> ImageResult:
@@ -294,7 +299,9 @@ def assemble(result: ImageResult, settings: Settings, prior_id: str, config_hash
         if ref.shape[-2:] != image.shape[-2:]:
             raise ImageError(join_uri(reference_uri, job.relpath),
                              f"reference is {ref.shape[-1]}x{ref.shape[-2]}, output is {image.shape[-1]}x{image.shape[-2]}")
-        out = image.expand_as(ref) if ref.shape[1] == 3 else image.mean(dim=1, keepdim=True)
+        top = 255.0 if src.bit_depth == 8 else 65535.0
+        written = (image.clamp(0, 1) * top).round() / top  # metrics of the file as written (exact for PNG/TIFF)
+        out = written.expand_as(ref) if ref.shape[1] == 3 else written.mean(dim=1, keepdim=True)
         row.update(psnr=float(psnr(out, ref)[0]), ssim=float(ssim(out, ref)[0]))
     fs, path = fsspec.core.url_to_fs(result.work_uri, **settings.storage_options)
     fs.rm(path)

@@ -1,0 +1,216 @@
+"""gdp.collection without Prefect: shards, config hashes, discovery, planning, manifests, summaries."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import skimage.data
+from PIL import Image
+
+from gdp import collection as col
+from gdp.io import ImageError
+from gdp.prior.checkpoint import PriorSpec, build_prior, save_prior
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def photo(height: int, width: int, top: int = 40, left: int = 120) -> np.ndarray:
+    return np.ascontiguousarray(skimage.data.astronaut()[top:top + 4 * height:4, left:left + 4 * width:4])
+
+
+def put(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def job(name: str, n_patches: int) -> col.ImageJob:
+    return col.ImageJob(f"/in/{name}", name, f"/out/{name}", 32, 32, n_patches, "0" * 64)
+
+
+# ------------------------------------------------------------------------------------- shards
+
+
+def test_make_shards_packs_whole_images_biggest_first():
+    jobs = [job("a", 1), job("b", 5), job("c", 3), job("d", 9), job("e", 2), job("f", 2)]
+    shards = col.make_shards(jobs, 6)
+    assert [[j.relpath for j in s] for s in shards] == [["d"], ["b"], ["c", "e"], ["f", "a"]]
+    assert [sum(j.n_patches for j in s) for s in shards] == [9, 5, 5, 3]  # 9 > 6: a shard of its own
+    flat = [j for s in shards for j in s]
+    assert sorted(flat, key=lambda j: j.relpath) == jobs  # every job exactly once, unchanged
+    assert [j.n_patches for j in flat] == sorted((j.n_patches for j in jobs), reverse=True)
+    assert col.make_shards(jobs, 1000) == [sorted(jobs, key=lambda j: -j.n_patches)]
+    assert [len(s) for s in col.make_shards(jobs, 1)] == [1] * 6
+    assert col.make_shards([], 8) == []
+
+
+# ------------------------------------------------------------------------------- config hash
+
+
+def test_config_hash_covers_the_result_and_nothing_else():
+    base = col.Settings(task="sr", options={"factor": 4, "filter": "avgpool"}, steps=100, seed=0)
+    h = base.config_hash("prior-a")
+    assert len(h) == 16 and int(h, 16) >= 0
+    assert base.config_hash("prior-a") == h  # deterministic
+    changed = [replace(base, steps=50), replace(base, seed=1),
+               replace(base, options={"factor": 2, "filter": "avgpool"}),
+               replace(base, options={"factor": 4, "filter": "bicubic"}), replace(base, task="deblur", options={}),
+               replace(base, guidance="xt"), replace(base, scale=0.5), replace(base, samples=2),
+               replace(base, tiling="fused"), replace(base, patch=64), replace(base, stride=16),
+               replace(base, blend="smooth")]
+    hashes = {s.config_hash("prior-a") for s in changed}
+    assert h not in hashes and len(hashes) == len(changed)
+    assert base.config_hash("prior-b") != h
+    same = [replace(base, batch_size=1), replace(base, storage_options={"anon": True, "key": "secret"}),
+            replace(base, options={"filter": "avgpool", "factor": 4}),  # key order
+            replace(base, prior="/elsewhere/same-weights.safetensors")]  # the prior is named by its id
+    assert {s.config_hash("prior-a") for s in same} == {h}
+    config = base.result_config("prior-a")
+    assert config["prior_id"] == "prior-a" and "batch_size" not in config and "storage_options" not in config
+
+
+# ----------------------------------------------------------------------------- discover/plan
+
+
+def test_discover_skips_masks_and_respects_max_images(tmp_path):
+    for rel in ["a.png", "a.mask.png", "sub/b.jpg", "sub/b.mask.png", "c.TIF", "notes.txt", "d.PNG"]:
+        put(tmp_path / rel, b"x")
+    found = col.discover(str(tmp_path))
+    assert [Path(u).relative_to(tmp_path).as_posix() for u in found] == ["a.png", "c.TIF", "d.PNG", "sub/b.jpg"]
+    assert col.discover(str(tmp_path), max_images=2) == found[:2]
+    assert [Path(u).name for u in col.discover(str(tmp_path), pattern="*.png")] == ["a.png"]
+
+
+SR2 = col.Settings(task="sr", options={"factor": 2, "filter": "avgpool"})
+
+
+def test_plan_image_ok(tmp_path):
+    data = png(photo(20, 18))
+    uri = put(tmp_path / "in" / "sub" / "a.png", data)
+    j = col.plan_image(uri, str(tmp_path / "in"), str(tmp_path / "out"), SR2, 32)
+    assert (j.relpath, j.output_uri) == ("sub/a.png", str(tmp_path / "out" / "sub" / "a.png"))
+    assert (j.width, j.height, j.status, j.error) == (36, 40, "pending", "")
+    assert j.n_patches == 4  # 36x40 in 32-px windows with stride 24: 2 x 2
+    assert j.content_sha256 == hashlib.sha256(data).hexdigest()
+    small = col.plan_image(put(tmp_path / "in" / "s.png", png(photo(8, 8))), str(tmp_path / "in"), "/o", SR2, 32)
+    assert (small.width, small.height, small.n_patches) == (16, 16, 1)  # smaller than a patch: one canvas
+    inpaint = col.Settings(task="inpaint")  # sidecar masks: the shape does not need the mask
+    assert col.plan_image(uri, str(tmp_path / "in"), "/o", inpaint, 32).width == 18
+
+
+@pytest.mark.parametrize("name, data, max_pixels, problem", [
+    ("bomb.png", png(photo(20, 20)), 399, "20x20 exceeds the limit of 399 pixels (decompression bomb)"),
+    ("empty.png", b"", None, "empty file (0 bytes)"),
+    ("text.png", b"hello, not an image\n" * 10, None, "not an image (cannot identify image file)"),
+])
+def test_plan_image_failures_are_failed_jobs(tmp_path, name, data, max_pixels, problem):
+    uri = put(tmp_path / "in" / name, data)
+    j = col.plan_image(uri, str(tmp_path / "in"), str(tmp_path / "out"), SR2, 32, max_pixels)
+    assert j.status == "failed" and j.error == f"{uri}: {problem}"
+    assert "\n" not in j.error
+    assert (j.width, j.height, j.n_patches, j.content_sha256) == (0, 0, 0, "")
+    assert j.relpath == name and j.output_uri == str(tmp_path / "out" / name)
+
+
+def test_plan_image_missing_file(tmp_path):
+    uri = str(tmp_path / "gone.png")
+    j = col.plan_image(uri, str(tmp_path), str(tmp_path / "out"), SR2, 32)
+    assert j.status == "failed" and j.error == f"{uri}: no such file"
+
+
+def test_one_line():
+    assert col.one_line(ImageError("s3://b/a.png", "truncated\nfile")) == "s3://b/a.png: truncated file"
+    assert col.one_line(ValueError("bad\n  option")) == "bad option"
+    assert col.one_line(OSError("connection\nreset")) == "OSError: connection reset"
+    assert col.one_line(RuntimeError()) == "RuntimeError: RuntimeError"
+
+
+# ------------------------------------------------------------------------------ restore_shard
+
+
+@pytest.fixture(scope="module")
+def prior_file(tmp_path_factory) -> str:
+    spec = PriorSpec.from_preset("adm-tiny-32")
+    path = tmp_path_factory.mktemp("prior") / "tiny.safetensors"
+    save_prior(str(path), build_prior(spec), spec)
+    return str(path)
+
+
+def test_restore_shard_bad_inputs_are_error_results(tmp_path, prior_file):
+    """Unreadable images and missing/corrupt sidecar masks are per-image errors, not exceptions
+    (an exception would be retried and fail the whole shard)."""
+    full = png(photo(16, 16))
+    put(tmp_path / "in" / "trunc.png", full[:len(full) // 2])
+    put(tmp_path / "in" / "nomask.png", full)
+    put(tmp_path / "in" / "badmask.png", full)
+    put(tmp_path / "in" / "badmask.mask.png", b"garbage")
+    settings = col.Settings(task="inpaint", prior=prior_file, steps=1)
+    jobs = [col.plan_image(str(tmp_path / "in" / n), str(tmp_path / "in"), str(tmp_path / "out"), settings, 32)
+            for n in ("trunc.png", "nomask.png", "badmask.png")]
+    assert all(j.status == "pending" for j in jobs)  # the header-only plan cannot see these problems
+    seen = []
+    results = col.restore_shard(jobs, settings, str(tmp_path / "work"), "cpu", progress=seen.append)
+    assert seen == jobs and [r.job for r in results] == jobs
+    trunc, nomask, badmask = (r.error for r in results)
+    assert trunc == f"{tmp_path}/in/trunc.png: truncated file"
+    assert nomask == (f"{tmp_path}/in/nomask.png: cannot read the inpainting mask "
+                      f"{tmp_path}/in/nomask.mask.png (FileNotFoundError)")
+    assert badmask.startswith(f"{tmp_path}/in/badmask.png: cannot read the inpainting mask")
+    assert all(r.work_uri == "" and r.nfe == 0 for r in results)
+    assert not (tmp_path / "work").exists()
+
+
+# ----------------------------------------------------------------------------------- manifests
+
+
+def row(sha: str, status: str, config: str = "cfg", **values) -> dict:
+    j = col.ImageJob(f"/in/{sha}.png", f"{sha}.png", f"/out/{sha}.png", 10, 20, 1, sha, status)
+    return {**col.manifest_row(j, SR2, "prior", config, "run"), **values}
+
+
+def test_write_manifest_and_previous_successes(tmp_path):
+    out = str(tmp_path / "out")
+    assert col.previous_successes(out) == set()
+    uri = col.write_manifest([row("a", "ok"), row("b", "skipped"), row("c", "failed", error="x: bad")], out, "r1")
+    assert uri == str(tmp_path / "out" / "_manifests" / "run-r1.parquet")
+    col.write_manifest([row("d", "ok", "other"), row("c", "failed")], out, "r2")
+    col.write_manifest([], out, "r3")  # an empty run still writes a readable manifest
+    assert col.previous_successes(out) == {("a", "cfg"), ("d", "other")}
+
+    table = pq.read_table(uri)
+    assert table.schema.equals(col.manifest_schema())
+    assert table.column("status").to_pylist() == ["ok", "skipped", "failed"]
+    assert table.column("error").to_pylist() == ["", "", "x: bad"]
+    assert table.column("psnr").to_pylist() == [None] * 3
+    first = table.to_pylist()[0]
+    assert json.loads(first["params_json"]) == SR2.result_config("prior")
+    assert (first["width"], first["height"], first["n_patches"], first["steps"]) == (10, 20, 1, 100)
+    assert first["finished_at"].tzinfo is not None
+    assert pq.read_table(str(tmp_path / "out" / "_manifests")).num_rows == 5
+    assert sorted(p.name for p in (tmp_path / "out" / "_manifests").iterdir()) == \
+        ["run-r1.parquet", "run-r2.parquet", "run-r3.parquet"]  # no temporary files left
+
+
+def test_summarise():
+    rows = [row("a", "ok", width=40, height=40, seconds=2.0, consistency_psnr=30.0, psnr=20.0, ssim=0.5),
+            row("b", "ok", width=20, height=50, seconds=1.0, consistency_psnr=20.0),
+            row("c", "skipped"), row("d", "failed")]
+    assert col.summarise(rows) == {
+        "images": 4, "ok": 2, "skipped": 1, "failed": 1, "mean_consistency_psnr": 25.0,
+        "min_consistency_psnr": 20.0, "mean_psnr": 20.0, "min_psnr": 20.0, "mean_ssim": 0.5,
+        "seconds_per_megapixel": 1153.85}  # 3 s for (1600 + 1000) pixels
+    assert col.summarise([row("c", "skipped")]) == {
+        "images": 1, "ok": 0, "skipped": 1, "failed": 0, "mean_consistency_psnr": None,
+        "min_consistency_psnr": None, "mean_psnr": None, "min_psnr": None, "mean_ssim": None,
+        "seconds_per_megapixel": None}
