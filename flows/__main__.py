@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--guidance", choices=["x0", "xt"], default="x0")
     r.add_argument("--scale", type=float)
     r.add_argument("--samples", type=int, default=1)
-    r.add_argument("--tiling", choices=["auto", "single", "fused"], default="auto")
+    r.add_argument("--tiling", choices=["auto", "single", "fused", "hierarchical"], default="auto")
     r.add_argument("--patch", type=int)
     r.add_argument("--stride", type=int)
     r.add_argument("--blend", choices=["uniform", "smooth"], default="uniform")

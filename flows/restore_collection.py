@@ -44,7 +44,7 @@ class TaskOptions(BaseModel):
 
 
 class TilingOptions(BaseModel):
-    mode: Literal["auto", "single", "fused"] = "auto"
+    mode: Literal["auto", "single", "fused", "hierarchical"] = "auto"
     patch: int | None = Field(None, ge=8)
     stride: int | None = Field(None, ge=1)
     blend: Literal["uniform", "smooth"] = "uniform"

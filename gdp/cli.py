@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--paper-scale", action="store_true",
                    help="use s per step and the mean over the observation, exactly as the authors' code")
     r.add_argument("--samples", type=int, default=1, help="average this many posterior samples")
-    r.add_argument("--tiling", choices=["auto", "single", "fused"], default="auto")
+    r.add_argument("--tiling", choices=["auto", "single", "fused", "hierarchical"], default="auto")
     r.add_argument("--patch", type=int, help="patch size (default: the prior's native size)")
     r.add_argument("--stride", type=int, help="patch stride (default: 3/4 of the patch)")
     r.add_argument("--batch-size", type=int, default=8, help="patches per network call")

@@ -54,9 +54,19 @@ class Guidance:
 
 def operator_norm_sq(operator, x_shape: tuple[int, ...], device: torch.device | str = "cpu",
                      iterations: int = 30) -> float:
-    """||A||^2, the largest eigenvalue of A^T A (power iteration through autograd) on one image of x_shape."""
+    """||A||^2, the largest eigenvalue of A^T A (power iteration through autograd) on x_shape.
+
+    A batch is treated as one block-diagonal operator, so this is the largest over the images.
+    Computed on a 128x128 canvas when the operator accepts one (the operators are convolutional
+    or pointwise, so the norm does not grow with size), else on x_shape itself.
+    """
+    if x_shape[-1] > 128 or x_shape[-2] > 128:
+        try:
+            return operator_norm_sq(operator, (*x_shape[:-2], 128, 128), device, iterations)
+        except (ValueError, RuntimeError):  # e.g. an explicit mask of the full size
+            pass
     g = torch.Generator().manual_seed(0)
-    v = torch.randn((1, *x_shape[1:]), generator=g).to(device)
+    v = torch.randn(tuple(x_shape), generator=g).to(device)
     v = v / v.norm()
     value = 0.0
     for _ in range(iterations):

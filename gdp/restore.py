@@ -6,6 +6,7 @@ model space [-1, 1] (conversion happens in `gdp.sampling`/`gdp.guidance` only th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -100,15 +101,24 @@ class CropFirst(torch.nn.Module):
         return self.inner.y_shape(x_shape)
 
 
+FUSED_MAX_PIXELS = 4_000_000  # auto tiling: fused up to 4 MP, hierarchical above
+
+
 def plan_tiling(height: int, width: int, native: int, tiling: str = "auto", patch: int | None = None,
-                stride: int | None = None) -> dict:
+                stride: int | None = None, align: int = 1) -> dict:
     """How to cover a height x width canvas with the prior's native patch: mode, patch, stride."""
     patch = patch or native
     stride = stride or max(1, (3 * patch) // 4)
-    if tiling not in ("auto", "single", "fused"):
-        raise ValueError(f"unknown tiling {tiling!r}: use auto, single or fused")
+    if tiling not in ("auto", "single", "fused", "hierarchical"):
+        raise ValueError(f"unknown tiling {tiling!r}: use auto, single, fused or hierarchical")
     if tiling == "auto":
-        tiling = "single" if (height, width) == (patch, patch) else "fused"
+        tiling = ("single" if (height, width) == (patch, patch)
+                  else "fused" if height * width <= FUSED_MAX_PIXELS else "hierarchical")
+    if tiling == "hierarchical":
+        from gdp.hierarchical import plan_hierarchical
+        plan = plan_hierarchical(height, width, patch, stride, align)
+        return {"mode": "hierarchical", "patch": plan.patch, "stride": plan.stride,
+                "n_patches": len(plan.windows), "coarse_scale": plan.scale}
     if tiling == "single" and (height % 4 or width % 4):
         raise ValueError(f"single-pass sampling needs sizes divisible by 4, got {height}x{width}; use --tiling fused")
     if tiling == "single":
@@ -137,23 +147,54 @@ def restore(y: torch.Tensor, task: str, prior: Prior, *, operator: Operator | No
     b, _, height, width = op.x_shape(tuple(y.shape))
     native = patch or prior.image_size
     canvas = (b, prior.spec.unet.in_channels, max(height, native), max(width, native))
+    align = op.factor if getattr(op, "name", "") == "sr" else 1
+    plan = plan_tiling(canvas[2], canvas[3], prior.image_size, tiling, patch, stride, align)
+    seeds = [seed + k for k in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != b:
+        raise ValueError(f"got {len(seeds)} seeds for {b} images")
+    t0 = time.perf_counter()
+    if plan["mode"] == "hierarchical":
+        if canvas[2:] != (height, width):
+            raise ValueError(f"hierarchical tiling needs an image of at least one patch, got {height}x{width}")
+        runs = [_hierarchical(y[k:k + 1], op, prior, seeds[k], steps, guidance, samples, batch_size, patch, stride,
+                              align, blend) for k in range(b)]
+        image, nfe = torch.cat([r[0] for r in runs]), runs[0][1]
+    else:
+        image, nfe = _fused_or_single(y, op, prior, plan, canvas, seeds, steps, guidance, samples, batch_size,
+                                      blend, callback)
+    image = image[..., :height, :width]
+    return Restoration(image, task, steps, nfe, time.perf_counter() - t0, consistency_psnr(op, image, y), plan)
+
+
+def _fused_or_single(y, op, prior, plan, canvas, seeds, steps, guidance, samples, batch_size, blend, callback):
+    """Posterior mean of `samples` GDP chains over the whole canvas: (image [B, C, H, W], NFE per image)."""
+    height, width = op.x_shape(tuple(y.shape))[-2:]
     guide = op if canvas[2:] == (height, width) else CropFirst(op, height, width)
-    plan = plan_tiling(canvas[2], canvas[3], prior.image_size, tiling, patch, stride)
     denoiser = prior.denoiser()
     if plan["mode"] == "fused":
         denoiser = FusedDenoiser(denoiser, canvas[2], canvas[3], plan["patch"], plan["stride"],
                                  batch_size=batch_size, blend=blend)
-    seeds = [seed + k for k in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
-    if len(seeds) != b:
-        raise ValueError(f"got {len(seeds)} seeds for {b} images")
-    total = torch.zeros(canvas, device=device)
-    nfe, seconds = 0, 0.0
+    total, nfe = torch.zeros(canvas, device=y.device), 0
     for k in range(samples):
         gens = [torch.Generator().manual_seed(s + 1_000_003 * k) for s in seeds]
         step_cb = None if callback is None else (lambda n, m, k=k: callback(k * m + n, samples * m))
         result = gdp_sample(denoiser, guide, y, steps, guidance=guidance, generators=gens, x_shape=canvas,
                             callback=step_cb)
         total += (result.x0 + 1) / 2
-        nfe, seconds = nfe + result.nfe, seconds + result.seconds
-    image = (total / samples).clamp(0, 1)[..., :height, :width]
-    return Restoration(image, task, steps, nfe, seconds, consistency_psnr(op, image, y), plan)
+        nfe += result.nfe
+    return (total / samples).clamp(0, 1), nfe
+
+
+def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patch, stride, align, blend):
+    """Global coarse pass, then independent windows, then a smooth merge: (image [1, C, H, W], NFE)."""
+    from gdp.hierarchical import global_pass, merge_windows, plan_hierarchical, restore_windows
+    height, width = op.x_shape(tuple(y.shape))[-2:]
+    plan = plan_hierarchical(height, width, patch or prior.image_size, stride, align)
+    total, nfe = 0, 0
+    for k in range(samples):
+        coarse, n1 = global_pass(y, op, prior, plan, steps, seed + 1_000_003 * k, guidance, batch_size)
+        patches, n2 = restore_windows(y, op, prior, plan, coarse, list(range(len(plan.windows))), steps,
+                                      seed + 1_000_003 * k, guidance, batch_size)
+        total = total + merge_windows(patches, plan, "smooth" if blend == "uniform" else blend)
+        nfe += n1 + n2
+    return (total / samples).clamp(0, 1), nfe
