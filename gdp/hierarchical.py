@@ -160,19 +160,21 @@ def restore_windows(y: torch.Tensor, op: Operator, prior, plan: HierarchicalPlan
     from gdp.sampling import gdp_sample
     up = coarse_up(coarse.to(y.device), plan)
     c = prior.spec.unet.in_channels
+    # norms from one window, so that a window's result never depends on its batch-mates
+    local_norm = operator_norm_sq(localize(op, y, [plan.windows[0]])[0], (1, c, plan.patch, plan.patch), y.device)
+    if coarse_weight is None:
+        coarse_weight = 0.25 * local_norm
     out, nfe = [], 0
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         windows = [plan.windows[k] for k in chunk]
         local, y_local = localize(op, y, windows)
-        if coarse_weight is None:
-            coarse_weight = 0.25 * operator_norm_sq(local, (1, c, plan.patch, plan.patch), y.device)
         guide = WithCoarse(local, sigma=max(1.0, plan.scale / 2), weight=coarse_weight)
         target = torch.cat([y_local.flatten(1),
                             math.sqrt(coarse_weight) * guide.lowpass(torch.stack([up[0][w.index] for w in windows])).flatten(1)], 1)
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (k + 1)) for k in chunk]
         result = gdp_sample(prior.denoiser(), guide, target, steps, guidance=guidance, generators=gens,
-                            x_shape=(len(chunk), c, plan.patch, plan.patch))
+                            x_shape=(len(chunk), c, plan.patch, plan.patch), norm_sq=local_norm + coarse_weight)
         out.append((result.x0 + 1) / 2)
         nfe += result.nfe * len(chunk)
     return torch.cat(out), nfe

@@ -63,11 +63,12 @@ class GDPResult:
 
 def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *, guidance,
                generators: Sequence[torch.Generator], x_shape: Sequence[int] | None = None,
-               callback: Callback | None = None) -> GDPResult:
+               callback: Callback | None = None, norm_sq: float | None = None) -> GDPResult:
     """GDP (Fei et al. 2023), Alg. 2 (GDP-x0) or Alg. 1 (GDP-xt), without Sigma scaling.
 
     y: observation `[B, ...]` in [0, 1] (what `operator.A` returns); x_shape: `[B, C, H, W]` of the
-    image to restore (default `operator.x_shape(y.shape)`); one generator per image.
+    image to restore (default `operator.x_shape(y.shape)`); one generator per image; norm_sq:
+    ||A||^2 for the per-step cap when the caller knows it (else found by power iteration).
     """
     from gdp.guidance import guidance_gradient, normaliser, operator_norm_sq
 
@@ -77,7 +78,8 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
     n = normaliser(operator, y, x_shape, guidance.size_rule)
     scale = guidance.step_scale(len(chain))
     if guidance.max_correction:  # never overshoot the observation in one step (gdp.guidance)
-        scale = min(scale, guidance.max_correction * 2 * n / operator_norm_sq(operator, x_shape, y.device))
+        norm_sq = norm_sq or operator_norm_sq(operator, x_shape, y.device)
+        scale = min(scale, guidance.max_correction * 2 * n / norm_sq)
     x = randn_per_image(x_shape[1:], generators, y.device)  # 1. x_T ~ N(0, I)
     nfe = getattr(denoiser, "nfe_per_call", 1)
     for k, i in enumerate(reversed(range(len(chain)))):
