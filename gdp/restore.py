@@ -12,7 +12,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from gdp.guidance import PAPER_COLOR_WEIGHT, PAPER_SCALES, Guidance
+from gdp.guidance import DEFAULT_SCALES, PAPER_COLOR_WEIGHT, PAPER_SCALES, Guidance
 from gdp.metrics import consistency_psnr
 from gdp.operators import Operator, make_operator
 from gdp.prior.checkpoint import Prior
@@ -35,10 +35,13 @@ class Restoration:
 
 def default_guidance(task: str, *, scale: float | None = None, mode: Literal["x0", "xt"] = "x0",
                      step_rule: str = "constant-total", size_rule: str = "per-pixel") -> Guidance:
-    """The paper's scale and extra terms for `task`, overridable."""
+    """Guidance for `task`: our measured default scale (or the paper's with the paper rules), the
+    paper's colour-constancy term for colorize; everything overridable."""
     if task not in PAPER_SCALES:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(PAPER_SCALES)}")
-    return Guidance(scale=PAPER_SCALES[task] if scale is None else scale, mode=mode,
+    if scale is None:
+        scale = PAPER_SCALES[task] if step_rule == "paper" else DEFAULT_SCALES[task]
+    return Guidance(scale=scale, mode=mode,
                     color_weight=PAPER_COLOR_WEIGHT if task == "colorize" else 0.0,
                     step_rule=step_rule, size_rule=size_rule)
 
