@@ -20,30 +20,19 @@ import torch
 
 from gdp.guidance import Guidance
 from gdp.io import read_image
+from gdp import metrics
 from gdp.metrics import psnr
 from gdp.operators import degrade, make_operator
 from gdp.prior.checkpoint import load_prior
 from gdp.restore import restore
-from gdp.tiling import border_mask, plan_windows
+from gdp.tiling import plan_windows
 
 DATA = os.path.join(os.path.dirname(skimage.__file__), "data")
 
 
-def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
-    """|grad| of the gray image, [H, W] (forward differences, zero at the last row/column)."""
-    g = x.mean(dim=1)[0]
-    dx = torch.zeros_like(g)
-    dy = torch.zeros_like(g)
-    dx[:, :-1] = g[:, 1:] - g[:, :-1]
-    dy[:-1] = g[1:] - g[:-1]
-    return torch.sqrt(dx ** 2 + dy ** 2)
-
-
 def seam_ratio(x: torch.Tensor, patch: int, stride: int) -> float:
     h, w = x.shape[-2:]
-    mask = border_mask(h, w, plan_windows(h, w, patch, stride), band=1)
-    grad = gradient_magnitude(x)
-    return float(grad[mask].mean() / grad[~mask].mean())
+    return metrics.seam_ratio(x, plan_windows(h, w, patch, stride))
 
 
 def main() -> None:

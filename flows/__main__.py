@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tiling", choices=["auto", "single", "fused", "hierarchical"], default="auto")
     r.add_argument("--patch", type=int)
     r.add_argument("--stride", type=int)
-    r.add_argument("--blend", choices=["uniform", "smooth"], default="uniform")
+    r.add_argument("--blend", choices=["uniform", "smooth"], default="smooth",
+                   help="patch blending: smooth (default; hides seams) or uniform (the authors)")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--devices", nargs="+", default=["auto"])
     r.add_argument("--pattern", default="**/*")

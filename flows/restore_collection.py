@@ -47,7 +47,7 @@ class TilingOptions(BaseModel):
     mode: Literal["auto", "single", "fused", "hierarchical"] = "auto"
     patch: int | None = Field(None, ge=8)
     stride: int | None = Field(None, ge=1)
-    blend: Literal["uniform", "smooth"] = "uniform"
+    blend: Literal["uniform", "smooth"] = "smooth"
 
 
 def _transient(task_, task_run, state) -> bool:

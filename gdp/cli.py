@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--patch", type=int, help="patch size (default: the prior's native size)")
     r.add_argument("--stride", type=int, help="patch stride (default: 3/4 of the patch)")
     r.add_argument("--batch-size", type=int, default=8, help="patches per network call")
-    r.add_argument("--blend", choices=["uniform", "smooth"], default="uniform")
+    r.add_argument("--blend", choices=["uniform", "smooth"], default="smooth",
+                   help="patch blending: smooth (default; hides seams) or uniform (the authors)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     t = sub.add_parser("train", help="train a prior on a folder or URL of clean images")

@@ -45,7 +45,7 @@ class Settings:
     tiling: str = "auto"
     patch: int | None = None
     stride: int | None = None
-    blend: str = "uniform"
+    blend: str = "smooth"
     mask: str = "sidecar"  # inpaint: "sidecar" (IMAGE.mask.png), or a mask URI for every image
     # execution only (not hashed)
     batch_size: int = 8

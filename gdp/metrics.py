@@ -76,3 +76,19 @@ def consistency_psnr(op: Operator, x_hat: Tensor, y: Tensor) -> Tensor:
 
 
 __all__ = ["consistency_psnr", "psnr", "ssim"]
+
+
+def seam_ratio(x: torch.Tensor, windows, band: int = 1) -> float:
+    """Mean gradient magnitude on interior patch borders / elsewhere, for x `[1, C, H, W]`.
+
+    A restoration with visible seams has a ratio above the ground truth's; `windows` are the
+    patch windows used (gdp.tiling.plan_windows).
+    """
+    from gdp.tiling import border_mask
+    g = x.mean(dim=1)[0]
+    dx, dy = torch.zeros_like(g), torch.zeros_like(g)
+    dx[:, :-1] = g[:, 1:] - g[:, :-1]
+    dy[:-1] = g[1:] - g[:-1]
+    grad = torch.sqrt(dx ** 2 + dy ** 2)
+    mask = border_mask(g.shape[0], g.shape[1], windows, band=band)
+    return float(grad[mask].mean() / grad[~mask].mean())

@@ -133,7 +133,7 @@ def plan_tiling(height: int, width: int, native: int, tiling: str = "auto", patc
 
 def restore(y: torch.Tensor, task: str, prior: Prior, *, operator: Operator | None = None, steps: int = 100,
             seed: int | Sequence[int] = 0, guidance: Guidance | None = None, samples: int = 1, tiling: str = "auto",
-            patch: int | None = None, stride: int | None = None, batch_size: int = 8, blend: str = "uniform",
+            patch: int | None = None, stride: int | None = None, batch_size: int = 8, blend: str = "smooth",
             callback: Callback | None = None, **operator_options) -> Restoration:
     """Restore observation(s) y `[B, C', h, w]` in [0, 1] with GDP.
 
@@ -198,6 +198,6 @@ def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patc
         coarse, n1 = global_pass(y, op, prior, plan, steps, seed + 1_000_003 * k, guidance, batch_size)
         patches, n2 = restore_windows(y, op, prior, plan, coarse, list(range(len(plan.windows))), steps,
                                       seed + 1_000_003 * k, guidance, batch_size)
-        total = total + merge_windows(patches, plan, "smooth" if blend == "uniform" else blend)
+        total = total + merge_windows(patches, plan, blend)
         nfe += n1 + n2
     return (total / samples).clamp(0, 1), nfe

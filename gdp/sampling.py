@@ -106,7 +106,7 @@ class FusedDenoiser:
     """
 
     def __init__(self, denoiser: PredictsPrior, height: int, width: int, patch: int, stride: int, *,
-                 batch_size: int = 8, blend: str = "uniform"):
+                 batch_size: int = 8, blend: str = "smooth"):
         from gdp.tiling import blend_window, plan_windows
         self.denoiser = denoiser
         self.windows = plan_windows(height, width, patch, stride)

@@ -68,7 +68,7 @@ def test_config_hash_covers_the_result_and_nothing_else():
                replace(base, options={"factor": 4, "filter": "bicubic"}), replace(base, task="deblur", options={}),
                replace(base, guidance="xt"), replace(base, scale=0.5), replace(base, samples=2),
                replace(base, tiling="fused"), replace(base, patch=64), replace(base, stride=16),
-               replace(base, blend="smooth")]
+               replace(base, blend="uniform")]
     hashes = {s.config_hash("prior-a") for s in changed}
     assert h not in hashes and len(hashes) == len(changed)
     assert base.config_hash("prior-b") != h

@@ -67,3 +67,21 @@ def test_hierarchical_restore_end_to_end(tiny_prior):
     assert result.nfe == 3 * (len(plan_windows(40, 36, 32, 24)) + result.tiling["n_patches"])
     assert 0 <= result.image.min() and result.image.max() <= 1
     assert result.consistency_psnr.item() > 20
+
+
+@pytest.mark.parametrize("mode", ["fused", "hierarchical"])
+def test_no_visible_seams_on_a_real_photo(mode):
+    """Seam ratio r(O) of a x4 restoration of a held-out photo stays within 10% of r(ground truth)."""
+    from pathlib import Path
+
+    from gdp.io import read_image
+    from gdp.metrics import seam_ratio
+    from gdp.operators import degrade
+    from gdp.prior.checkpoint import load_prior
+    from gdp.tiling import plan_windows
+    x = read_image(str(Path(__file__).resolve().parent.parent / "examples/reference/coffee-cup.png")).pixels
+    op = make_operator("sr", factor=4)
+    result = restore(degrade(x, op), "sr", load_prior("default"), operator=op, steps=8, tiling=mode)
+    windows = plan_windows(128, 128, result.tiling["patch"], result.tiling["stride"])
+    assert len(windows) == 9
+    assert seam_ratio(result.image, windows) <= 1.1 * seam_ratio(x, windows)
