@@ -65,16 +65,18 @@ def test_fused_denoiser_over_one_patch_is_the_plain_denoiser(tiny_prior):
 def test_fused_restore_on_one_patch_equals_single(tiny_prior):
     y = make_operator("sr", factor=2).A(_photos(32, 32, 1))
     single = restore(y, "sr", tiny_prior, steps=3, seed=2, factor=2, tiling="single")
-    fused = restore(y, "sr", tiny_prior, steps=3, seed=2, factor=2, tiling="fused")
+    fused = restore(y, "sr", tiny_prior, steps=3, seed=2, factor=2, tiling="fused", blend="uniform")
+    smooth = restore(y, "sr", tiny_prior, steps=3, seed=2, factor=2, tiling="fused", blend="smooth")
     assert fused.tiling == {"mode": "fused", "patch": 32, "stride": 24, "n_patches": 1}
     assert torch.equal(fused.image, single.image)
+    torch.testing.assert_close(smooth.image, single.image, rtol=0, atol=1e-5)  # w * v / w: rounding only
     assert fused.nfe == single.nfe == 3
 
 
 def test_overlapping_patches_are_averaged(tiny_prior):
     """48x40 with 32-px patches at stride 24: pixels covered by k windows get the mean of k predictions."""
     den = tiny_prior.denoiser()
-    fused = FusedDenoiser(den, 48, 40, 32, 24)
+    fused = FusedDenoiser(den, 48, 40, 32, 24, blend="uniform")
     chain = den.chain(5)
     x_t = torch.randn(1, 3, 48, 40, generator=torch.Generator().manual_seed(1))
     out = fused.predict(x_t, 2, chain)
