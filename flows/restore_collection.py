@@ -73,6 +73,21 @@ def restore_shard(jobs: list[col.ImageJob], shard_index: int, settings: col.Sett
     return col.restore_shard(jobs, settings, work_root, device)
 
 
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
+      task_run_name="coarse-pass-{job.relpath}", tags=["gpu"])
+def coarse_pass(job: col.ImageJob, settings: col.Settings, work_root: str, device: str) -> tuple[str, int, float]:
+    return col.coarse_pass(job, settings, work_root, device)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
+      task_run_name="restore-windows-{shard_index}-{device}", tags=["gpu"])
+def restore_windows(batches: list[col.WindowBatch], shard_index: int, settings: col.Settings, work_root: str,
+                    device: str) -> list[tuple[str, str, int, float]]:
+    get_run_logger().info(f"window shard {shard_index}: " + ", ".join(
+        f"{b.job.relpath}[{b.indices[0]}..{b.indices[-1]}]" for b in batches))
+    return col.restore_window_batches(batches, settings, work_root, device)
+
+
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient,
       task_run_name="assemble-{name}")
 def assemble(result: col.ImageResult, name: str, settings: col.Settings, prior_id: str, config_hash: str,
@@ -127,6 +142,7 @@ def restore_collection(
                             tiling=tiling.mode, patch=tiling.patch, stride=tiling.stride, blend=tiling.blend,
                             batch_size=batch_size, mask=options.mask, storage_options=storage)
     run_id = str(flow_run.id or "local")
+    devices = [col.resolve_device(d) for d in devices]
     model = col.cached_prior(prior, preset, col.resolve_device(devices[0]))  # fail early on a bad prior
     config_hash = settings.config_hash(model.prior_id)
     uris = col.discover(input_uri, pattern, max_images, storage)
@@ -143,19 +159,27 @@ def restore_collection(
         update_progress_artifact(artifact_id=progress, progress=100.0 * len(rows) / max(len(jobs), 1))
 
     work_root = col.join_uri(output_uri, col.WORK_DIR, run_id)
-    shards = col.make_shards(todo, shard_patches)
+    whole = [job for job in todo if job.mode != "hierarchical"]
+    shards = col.make_shards(whole, shard_patches)
     shard_futures = [restore_shard.submit(shard, k, settings, work_root, devices[k % len(devices)])
                      for k, shard in enumerate(shards)]
     assembling = {}  # future -> the ImageResult it assembles
+
+    def assemble_all(results: list[col.ImageResult]) -> None:
+        for result in results:
+            assembling[assemble.submit(result, result.job.relpath, settings, model.prior_id, config_hash,
+                                       run_id, reference_uri)] = result
+
+    hierarchical = [job for job in todo if job.mode == "hierarchical"]
+    if hierarchical:  # runs while the whole-image shards use the pool's other threads
+        assemble_all(_restore_hierarchical(hierarchical, settings, work_root, devices, shard_patches))
     for fut in as_completed(shard_futures):
         fut.wait()  # stores the final state locally (the API lags behind)
         results = fut.result(raise_on_failure=False)
         if isinstance(results, BaseException):  # the shard failed after its retries: every image fails
             shard = shards[shard_futures.index(fut)]
             results = [col.ImageResult(job, error=col.one_line(results)) for job in shard]
-        for result in results:
-            assembling[assemble.submit(result, result.job.relpath, settings, model.prior_id, config_hash,
-                                       run_id, reference_uri)] = result
+        assemble_all(results)
     for fut in as_completed(list(assembling)):
         fut.wait()
         row = fut.result(raise_on_failure=False)
@@ -172,6 +196,40 @@ def restore_collection(
     message = f"{len(rows)} images: {len(rows) - failed} ok or skipped, {failed} failed; manifest at {manifest}"
     logger.info(message)
     return Failed(message=message, data=manifest) if failed else Completed(message=message, data=manifest)
+
+
+def _restore_hierarchical(jobs: list[col.ImageJob], settings: col.Settings, work_root: str, devices: list[str],
+                          shard_patches: int) -> list[col.ImageResult]:
+    """Coarse pass per image, then shards of windows from one or several images (independent
+    chains, so they spread over devices and workers); results point at the window files."""
+    coarse = [coarse_pass.submit(job, settings, work_root, devices[k % len(devices)]) for k, job in enumerate(jobs)]
+    errors, nfe, seconds = {}, {}, {}
+    for job, fut in zip(jobs, coarse):
+        fut.wait()
+        out = fut.result(raise_on_failure=False)
+        if isinstance(out, BaseException):
+            errors[job.relpath] = col.one_line(out)
+        else:
+            nfe[job.relpath], seconds[job.relpath] = out[1], out[2]
+    ready = [job for job in jobs if job.relpath not in errors]
+    shards = col.window_batches(ready, shard_patches)
+    futures = [restore_windows.submit(shard, k, settings, work_root, devices[k % len(devices)])
+               for k, shard in enumerate(shards)]
+    parts: dict[str, list[str]] = {job.relpath: [] for job in ready}
+    for shard, fut in zip(shards, futures):
+        fut.wait()
+        out = fut.result(raise_on_failure=False)
+        if isinstance(out, BaseException):
+            errors.update({batch.job.relpath: col.one_line(out) for batch in shard})
+            continue
+        for relpath, uri, n, secs in out:
+            parts[relpath].append(uri)
+            nfe[relpath] += n
+            seconds[relpath] += secs
+    tiling = {"mode": "hierarchical"}
+    return [col.ImageResult(job, error=errors[job.relpath]) if job.relpath in errors else
+            col.ImageResult(job, nfe=nfe[job.relpath], seconds=seconds[job.relpath], parts=tuple(parts[job.relpath]),
+                            tiling={**tiling, "n_patches": job.n_patches}) for job in jobs]
 
 
 def _operator_options(task: str, options: TaskOptions) -> dict:

@@ -13,6 +13,7 @@ import io
 import json
 import posixpath
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -71,6 +72,7 @@ class ImageJob:
     width: int = 0
     height: int = 0
     n_patches: int = 0
+    mode: str = ""  # tiling mode: single | fused | hierarchical
     content_sha256: str = ""
     status: str = "pending"  # pending | skipped | failed
     error: str = ""
@@ -117,7 +119,7 @@ def plan_image(uri: str, input_uri: str, output_root: str, settings: Settings, n
         op = make_operator(settings.task, **_options_for_shape(settings))
         _, _, h, w = op.x_shape((1, info.channels, info.height, info.width))
         plan = plan_tiling(max(h, native), max(w, native), native, settings.tiling, settings.patch, settings.stride)
-        return replace(job, width=w, height=h, n_patches=plan["n_patches"], content_sha256=sha)
+        return replace(job, width=w, height=h, n_patches=plan["n_patches"], mode=plan["mode"], content_sha256=sha)
     except (ImageError, ValueError) as e:
         return replace(job, status="failed", error=one_line(e))
 
@@ -208,6 +210,7 @@ class ImageResult:
     consistency_psnr: float | None = None
     tiling: dict = field(default_factory=dict)
     error: str = ""
+    parts: tuple[str, ...] = ()  # hierarchical: work files of window batches, merged by `assemble`
 
 
 def restore_shard(jobs: list[ImageJob], settings: Settings, work_root: str, device: str = "auto",
@@ -274,6 +277,113 @@ def _load_tile(uri: str, storage_options: dict) -> tuple[torch.Tensor, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# hierarchical images: a coarse pass per image, then window batches spread over shards
+
+
+@dataclass(frozen=True)
+class WindowBatch:
+    """Windows `indices` of one hierarchical image: the unit that shards are made of."""
+
+    job: ImageJob
+    indices: tuple[int, ...]
+
+
+def image_key(job: ImageJob) -> str:
+    return hashlib.sha1(job.relpath.encode()).hexdigest()[:16]
+
+
+def _observation(job: ImageJob, settings: Settings):
+    from gdp.restore import prepare_observation
+    img = read_image(job.source_uri, **settings.storage_options)
+    op = _operator_for(job, settings)
+    y, gray = prepare_observation(img.pixels, settings.task, op)
+    return img, op, y, gray
+
+
+def _hierarchical_plan(job: ImageJob, settings: Settings, native: int, op):
+    from gdp.hierarchical import plan_hierarchical
+    align = op.factor if getattr(op, "name", "") == "sr" else 1
+    return plan_hierarchical(job.height, job.width, settings.patch or native, settings.stride, align)
+
+
+def _guidance(settings: Settings):
+    from gdp.restore import default_guidance
+    return default_guidance(settings.task, scale=settings.scale, mode=settings.guidance)
+
+
+def coarse_pass(job: ImageJob, settings: Settings, work_root: str, device: str = "auto") -> tuple[str, int, float]:
+    """The global pass of one hierarchical image: (work URI of the coarse result, NFE, seconds)."""
+    from gdp.hierarchical import global_pass
+    device = resolve_device(device)
+    prior = cached_prior(settings.prior, settings.preset, device)
+    _, op, y, _ = _observation(job, settings)
+    plan = _hierarchical_plan(job, settings, prior.image_size, op)
+    with device_lock(device):
+        t0 = time.perf_counter()
+        coarse, nfe = global_pass(y.to(device), op, prior, plan, settings.steps, settings.seed, _guidance(settings),
+                                  settings.batch_size)
+    uri = join_uri(work_root, image_key(job) + ".coarse.safetensors")
+    seconds = time.perf_counter() - t0
+    _save_tile(uri, coarse[0].cpu(), {}, settings.storage_options)
+    return uri, nfe, seconds
+
+
+def window_batches(jobs: list[ImageJob], shard_patches: int) -> list[list[WindowBatch]]:
+    """Shards of about `shard_patches` windows, from one or several hierarchical images."""
+    shards, current, size = [], [], 0
+    for job in jobs:
+        start = 0
+        while start < job.n_patches:
+            take = min(job.n_patches - start, shard_patches - size)
+            current.append(WindowBatch(job, tuple(range(start, start + take))))
+            start, size = start + take, size + take
+            if size >= shard_patches:
+                shards.append(current)
+                current, size = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def restore_window_batches(batches: list[WindowBatch], settings: Settings, work_root: str,
+                           device: str = "auto") -> list[tuple[str, str, int, float]]:
+    """Restore window batches (each against its image's coarse result); returns
+    (relpath, work URI, NFE, seconds) per batch."""
+    from gdp.hierarchical import restore_windows
+    device = resolve_device(device)
+    prior = cached_prior(settings.prior, settings.preset, device)
+    out = []
+    for batch in batches:
+        job = batch.job
+        _, op, y, _ = _observation(job, settings)
+        plan = _hierarchical_plan(job, settings, prior.image_size, op)
+        coarse, _ = _load_tile(join_uri(work_root, image_key(job) + ".coarse.safetensors"), settings.storage_options)
+        with device_lock(device):
+            t0 = time.perf_counter()
+            patches, nfe = restore_windows(y.to(device), op, prior, plan, coarse[None].to(device), list(batch.indices),
+                                           settings.steps, settings.seed, _guidance(settings), settings.batch_size)
+            seconds = time.perf_counter() - t0
+        uri = join_uri(work_root, f"{image_key(job)}.w{batch.indices[0]:06d}.safetensors")
+        _save_tile(uri, patches.cpu(), {"indices": json.dumps(list(batch.indices))}, settings.storage_options)
+        out.append((job.relpath, uri, nfe, seconds))
+    return out
+
+
+def merge_parts(job: ImageJob, parts: tuple[str, ...], settings: Settings, op) -> torch.Tensor:
+    """Stream the window batches of a hierarchical image into `[1, C, H, W]` (output + one row of windows)."""
+    from gdp.tiling import StreamingMerger
+    merger = None
+    for uri in sorted(parts):  # file names carry the first window index: row-major order
+        patches, meta = _load_tile(uri, settings.storage_options)
+        if merger is None:
+            plan = _hierarchical_plan(job, settings, patches.shape[-1], op)
+            merger = StreamingMerger(job.height, job.width, patches.shape[1], plan.patch, plan.stride, settings.blend)
+        for k, p in zip(json.loads(meta["indices"]), patches):
+            merger.add(merger.windows[k], p)
+    return merger.finish()[None]
+
+
+# ---------------------------------------------------------------------------------------------
 # assemble and manifest
 
 
@@ -287,13 +397,21 @@ def assemble(result: ImageResult, settings: Settings, prior_id: str, config_hash
     row = manifest_row(job, settings, prior_id, config_hash, run_id)
     if result.error:
         return {**row, "status": "failed", "error": result.error}
-    pixels, meta = _load_tile(result.work_uri, settings.storage_options)
-    image = finish_output(pixels[None], settings.task, meta.get("gray") == "True")
-    src = read_image(job.source_uri, **settings.storage_options)  # ICC/EXIF to carry over
+    consistency = result.consistency_psnr
+    if result.parts:  # hierarchical: merge the window batches, score consistency against y here
+        from gdp.metrics import consistency_psnr
+        src, op, y, gray = _observation(job, settings)
+        pixels = merge_parts(job, result.parts, settings, op)
+        consistency = float(consistency_psnr(op, pixels, y)[0])
+        image = finish_output(pixels, settings.task, gray)
+    else:
+        pixels, meta = _load_tile(result.work_uri, settings.storage_options)
+        image = finish_output(pixels[None], settings.task, meta.get("gray") == "True")
+        src = read_image(job.source_uri, **settings.storage_options)  # ICC/EXIF to carry over
     write_image(job.output_uri, image, bit_depth=src.bit_depth, icc_profile=src.icc_profile, exif=src.exif,
                 protect=job.source_uri, **settings.storage_options)
     row.update(status="ok", nfe=result.nfe, seconds=round(result.seconds, 3),
-               consistency_psnr=result.consistency_psnr, n_patches=result.tiling.get("n_patches", job.n_patches))
+               consistency_psnr=consistency, n_patches=result.tiling.get("n_patches", job.n_patches))
     if reference_uri:
         ref = read_image(join_uri(reference_uri, job.relpath), **settings.storage_options).pixels
         if ref.shape[-2:] != image.shape[-2:]:
@@ -303,8 +421,12 @@ def assemble(result: ImageResult, settings: Settings, prior_id: str, config_hash
         written = (image.clamp(0, 1) * top).round() / top  # metrics of the file as written (exact for PNG/TIFF)
         out = written.expand_as(ref) if ref.shape[1] == 3 else written.mean(dim=1, keepdim=True)
         row.update(psnr=float(psnr(out, ref)[0]), ssim=float(ssim(out, ref)[0]))
-    fs, path = fsspec.core.url_to_fs(result.work_uri, **settings.storage_options)
-    fs.rm(path)
+    coarse = posixpath.join(posixpath.dirname(result.parts[0]), image_key(job) + ".coarse.safetensors") \
+        if result.parts else ""
+    for uri in (result.work_uri, *result.parts, coarse):
+        if uri:
+            fs, path = fsspec.core.url_to_fs(uri, **settings.storage_options)
+            fs.rm(path)
     return row
 
 
