@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from gdp.cli import UsageError, _add_task_options, _Parser
+from gdp.cli import UsageError, _add_task_options, _Parser, add_restore_options, add_train_options, train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -26,19 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("input_uri")
     r.add_argument("output_uri")
     _add_task_options(r)
-    r.add_argument("--prior", default="default")
-    r.add_argument("--preset")
-    r.add_argument("--steps", type=int, default=100)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--guidance", choices=["x0", "xt"], default="x0")
-    r.add_argument("--scale", type=float)
-    r.add_argument("--samples", type=int, default=1)
-    r.add_argument("--tiling", choices=["auto", "single", "fused", "hierarchical"], default="auto")
-    r.add_argument("--patch", type=int)
-    r.add_argument("--stride", type=int)
-    r.add_argument("--blend", choices=["uniform", "smooth"], default="smooth",
-                   help="patch blending: smooth (default; hides seams) or uniform (the authors)")
-    r.add_argument("--batch-size", type=int, default=8)
+    add_restore_options(r)
     r.add_argument("--devices", nargs="+", default=["auto"])
     r.add_argument("--pattern", default="**/*")
     r.add_argument("--reference-uri")
@@ -47,16 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a prior (train-prior flow)")
     t.add_argument("data_uri")
     t.add_argument("output_uri")
-    t.add_argument("--preset", default="adm-small-64")
-    t.add_argument("--crop", type=int, default=64)
-    t.add_argument("--steps", type=int, default=10000)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--checkpoint-every", type=int, default=250)
-    t.add_argument("--exclude", nargs="*", default=[])
-    t.add_argument("--max-minutes", type=float)
-    t.add_argument("--init-from")
-    t.add_argument("--device", default="auto")
+    add_train_options(t)
     d = sub.add_parser("demo", help="restore the bundled samples (x4 super-resolution) with the default prior")
     d.add_argument("--output-uri", default=str(ROOT / "out" / "demo"))
     d.add_argument("--steps", type=int, default=50)
@@ -139,8 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "train":
             from flows.train_prior import train_prior
-            params = {k: v for k, v in vars(args).items() if k != "command"}
-            print(train_prior(**params))
+            cfg = train_config(args, args.data_uri, args.output_uri)
+            print(train_prior(data_uri=cfg.data_uri, output_uri=cfg.out_uri, preset=cfg.preset, crop=cfg.crop,
+                              steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                              checkpoint_every=cfg.checkpoint_every, schedule=cfg.schedule,
+                              learn_sigma=cfg.learn_sigma, exclude=list(cfg.exclude),
+                              max_minutes=args.max_minutes, init_from=cfg.init_from, device=cfg.device, seed=cfg.seed))
             return 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

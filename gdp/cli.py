@@ -57,6 +57,50 @@ def mask_uri(observation_uri: str) -> str:
     return stem + ".mask.png"
 
 
+def add_restore_options(p: argparse.ArgumentParser) -> None:
+    """Prior, sampling and tiling options shared by `gdp restore` and `python -m flows restore`."""
+    p.add_argument("--prior", default="default", help="default, a checkpoint path or an fsspec URL")
+    p.add_argument("--preset", help="architecture of a checkpoint without config (e.g. adm-256-uncond)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", choices=["x0", "xt"], default="x0", help="GDP-x0 (default) or GDP-xt")
+    p.add_argument("--scale", type=float, help="guidance scale s, quoted at 1000 steps and 256x256 "
+                   "(default per task: sr 16000, deblur 48000, inpaint 48000, colorize 6000)")
+    p.add_argument("--samples", type=int, default=1, help="average this many posterior samples")
+    p.add_argument("--tiling", choices=["auto", "single", "fused", "hierarchical"], default="auto")
+    p.add_argument("--patch", type=int, help="patch size (default: the prior's native size)")
+    p.add_argument("--stride", type=int, help="patch stride (default: 3/4 of the patch)")
+    p.add_argument("--batch-size", type=int, default=8, help="patches per network call")
+    p.add_argument("--blend", choices=["uniform", "smooth"], default="smooth",
+                   help="patch blending: smooth (default; hides seams) or uniform (the authors)")
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """Training options shared by `gdp train` and `python -m flows train`."""
+    p.add_argument("--preset", default="adm-small-64")
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
+    p.add_argument("--fixed-sigma", action="store_true", help="train without the learned variance")
+    p.add_argument("--exclude", nargs="*", default=[], help="file names kept out of training")
+    p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
+    p.add_argument("--init", help="start from these weights (fine-tune an existing prior)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def train_config(args: argparse.Namespace, data: str, out: str):
+    from gdp.train import TrainConfig
+    return TrainConfig(data_uri=data, out_uri=out, preset=args.preset, crop=args.crop, steps=args.steps,
+                       batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                       schedule=args.schedule, learn_sigma=not args.fixed_sigma, exclude=tuple(args.exclude),
+                       max_seconds=args.max_minutes * 60 if args.max_minutes else None, init_from=args.init,
+                       device=args.device, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gdp", description="Generative Diffusion Prior restoration (Fei et al., CVPR 2023)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -72,41 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("obs")
     r.add_argument("out")
     _add_task_options(r)
-    r.add_argument("--prior", default="default", help="default, a checkpoint path or an fsspec URL")
-    r.add_argument("--preset", help="architecture of a checkpoint without config (e.g. adm-256-uncond)")
-    r.add_argument("--steps", type=int, default=100)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--guidance", choices=["x0", "xt"], default="x0", help="GDP-x0 (default) or GDP-xt")
-    r.add_argument("--scale", type=float, help="guidance scale s, quoted at 1000 steps and 256x256 "
-                   "(default per task: sr 16000, deblur 48000, inpaint 48000, colorize 6000)")
+    add_restore_options(r)
     r.add_argument("--paper-scale", action="store_true",
                    help="the authors' rules: their scale per task (sr 2000, deblur 6000, inpaint 4000, "
                         "colorize 6000) applied per step, on the mean over the observation")
-    r.add_argument("--samples", type=int, default=1, help="average this many posterior samples")
-    r.add_argument("--tiling", choices=["auto", "single", "fused", "hierarchical"], default="auto")
-    r.add_argument("--patch", type=int, help="patch size (default: the prior's native size)")
-    r.add_argument("--stride", type=int, help="patch stride (default: 3/4 of the patch)")
-    r.add_argument("--batch-size", type=int, default=8, help="patches per network call")
-    r.add_argument("--blend", choices=["uniform", "smooth"], default="smooth",
-                   help="patch blending: smooth (default; hides seams) or uniform (the authors)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     t = sub.add_parser("train", help="train a prior on a folder or URL of clean images")
     t.add_argument("data")
     t.add_argument("out", help="output folder or URL (checkpoints, prior.safetensors, sample grids)")
-    t.add_argument("--preset", default="adm-small-64")
-    t.add_argument("--crop", type=int, default=64)
-    t.add_argument("--steps", type=int, default=10000)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--checkpoint-every", type=int, default=250)
-    t.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    t.add_argument("--fixed-sigma", action="store_true", help="train without the learned variance")
-    t.add_argument("--exclude", nargs="*", default=[], help="file names kept out of training")
-    t.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
-    t.add_argument("--init", help="start from these weights (fine-tune an existing prior)")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--seed", type=int, default=0)
+    add_train_options(t)
     return parser
 
 
@@ -181,12 +200,8 @@ def cmd_restore(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> dict:
     from gdp.progress import ProgressBar
-    from gdp.train import TrainConfig, train
-    cfg = TrainConfig(data_uri=args.data, out_uri=args.out, preset=args.preset, crop=args.crop, steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                      schedule=args.schedule, learn_sigma=not args.fixed_sigma, exclude=tuple(args.exclude),
-                      max_seconds=args.max_minutes * 60 if args.max_minutes else None, init_from=args.init,
-                      device=args.device, seed=args.seed)
+    from gdp.train import train
+    cfg = train_config(args, args.data, args.out)
     bar = ProgressBar(cfg.steps, "train")
     result = train(cfg, progress=lambda p: bar.update(p.step, p.total, f"loss {p.loss:.4f} {p.steps_per_second:.2f} it/s"),
                    log=lambda m: print(m, file=sys.stderr))
