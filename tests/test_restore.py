@@ -138,3 +138,18 @@ def test_plan_tiling_rules():
         plan_tiling(30, 32, 32, "single")
     with pytest.raises(ValueError, match="unknown tiling 'tiles'"):
         plan_tiling(32, 32, 32, "tiles")
+
+
+def test_step_rule_keeps_consistency_across_step_counts(tiny_prior):
+    """s is quoted at 1000 steps: with s * 1000 / K per step the observation is met at any K, while the
+    paper's per-step s loses consistency as the chain gets shorter."""
+    from gdp.restore import default_guidance
+    y = make_operator("sr", factor=2).A(_photos(32, 32, 1))
+    ours, paper = {}, {}
+    for steps in (5, 25, 100):
+        g = default_guidance("sr")
+        ours[steps] = restore(y, "sr", tiny_prior, factor=2, steps=steps, guidance=g).consistency_psnr.item()
+        p = default_guidance("sr", step_rule="paper", size_rule="paper")
+        paper[steps] = restore(y, "sr", tiny_prior, factor=2, steps=steps, guidance=p).consistency_psnr.item()
+    assert min(ours.values()) > 30  # dB at every step count
+    assert paper[5] < paper[100] and paper[5] < ours[5] - 10
