@@ -53,11 +53,11 @@ def plain_loop(folder: Path, out: Path, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def flow_run(folder: Path, out: Path, steps: int) -> float:
+def flow_run(folder: Path, out: Path, steps: int, tiling: str = "auto") -> float:
     from flows.restore_collection import restore_collection
     t0 = time.perf_counter()
     state = restore_collection(input_uri=str(folder), output_uri=str(out), task="sr", options={"factor": 4},
-                               steps=steps, overwrite=True, return_state=True)
+                               steps=steps, overwrite=True, tiling={"mode": tiling}, return_state=True)
     assert state.is_completed(), state.message
     return time.perf_counter() - t0
 
@@ -68,14 +68,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rss-megapixels", type=float)
+    ap.add_argument("--tiling", default="auto", help="with --rss-megapixels: auto, fused or hierarchical")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     if args.rss_megapixels:
         side = int((args.rss_megapixels * 1e6) ** 0.5) // 4 * 4
         make_inputs(tmp / "in", 1, side)
-        seconds = flow_run(tmp / "in", tmp / "out", 1)
+        seconds = flow_run(tmp / "in", tmp / "out", 1, args.tiling)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-        print(f"| {side}x{side} ({side * side / 1e6:.1f} MP output) | 1 step | {seconds:.0f} s | peak RSS {peak:.2f} GiB |")
+        print(f"| {side}x{side} ({side * side / 1e6:.1f} MP output) | tiling {args.tiling} | 1 step | {seconds:.0f} s "
+              f"| peak RSS {peak:.2f} GiB |")
         return
     make_inputs(tmp / "in", args.images, 128)
     timer = UNetTimer(col.cached_prior("default", None, "cpu").unet)

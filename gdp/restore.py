@@ -189,15 +189,27 @@ def _fused_or_single(y, op, prior, plan, canvas, seeds, steps, guidance, samples
 
 
 def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patch, stride, align, blend):
-    """Global coarse pass, then independent windows, then a smooth merge: (image [1, C, H, W], NFE)."""
-    from gdp.hierarchical import global_pass, merge_windows, plan_hierarchical, restore_windows
+    """Global coarse pass, then independent windows streamed into a merger: (image [1, C, H, W], NFE).
+
+    Memory: the output plus one row of windows (StreamingMerger), whatever the image size.
+    """
+    from gdp.hierarchical import global_pass, plan_hierarchical, restore_windows
+    from gdp.tiling import StreamingMerger
     height, width = op.x_shape(tuple(y.shape))[-2:]
     plan = plan_hierarchical(height, width, patch or prior.image_size, stride, align)
     total, nfe = 0, 0
     for k in range(samples):
-        coarse, n1 = global_pass(y, op, prior, plan, steps, seed + 1_000_003 * k, guidance, batch_size)
-        patches, n2 = restore_windows(y, op, prior, plan, coarse, list(range(len(plan.windows))), steps,
-                                      seed + 1_000_003 * k, guidance, batch_size)
-        total = total + merge_windows(patches, plan, blend)
-        nfe += n1 + n2
+        sample_seed = seed + 1_000_003 * k
+        coarse, n = global_pass(y, op, prior, plan, steps, sample_seed, guidance, batch_size)
+        merger = StreamingMerger(height, width, prior.spec.unet.in_channels, plan.patch, plan.stride, blend,
+                                 device=y.device)
+        for start in range(0, len(plan.windows), batch_size):
+            indices = list(range(start, min(start + batch_size, len(plan.windows))))
+            patches, n_windows = restore_windows(y, op, prior, plan, coarse, indices, steps, sample_seed, guidance,
+                                                 batch_size)
+            for index, p in zip(indices, patches):
+                merger.add(merger.windows[index], p)
+            n += n_windows
+        total = total + merger.finish()[None]
+        nfe += n
     return (total / samples).clamp(0, 1), nfe
