@@ -72,10 +72,10 @@ class ImageJob:
     width: int = 0
     height: int = 0
     n_patches: int = 0
-    mode: str = ""  # tiling mode: single | fused | hierarchical
     content_sha256: str = ""
     status: str = "pending"  # pending | skipped | failed
     error: str = ""
+    mode: str = ""  # tiling mode: single | fused | hierarchical
 
 
 # ---------------------------------------------------------------------------------------------
