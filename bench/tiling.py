@@ -44,7 +44,7 @@ def main() -> None:
     prior = load_prior("default")
     op = make_operator("sr", factor=4)
     guidance = Guidance(scale=args.scale)
-    print(f"| image | mode | PSNR dB | r(O) | r(GT) | NFE/MP | seconds |")
+    print("| image | mode | PSNR dB | r(O) | r(GT) | NFE/MP | seconds |")
     print("|---|---|---|---|---|---|---|")
     for name in ("astronaut.png", "coffee.png"):
         full = read_image(f"{DATA}/{name}").pixels

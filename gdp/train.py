@@ -12,11 +12,10 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import fsspec
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
