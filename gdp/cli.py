@@ -131,11 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_device(name: str):
     import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    from gdp.prior.checkpoint import resolve_device as to_device
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
+    return to_device(name)
 
 
 def cmd_degrade(args: argparse.Namespace) -> dict:

@@ -194,9 +194,9 @@ def cached_prior(source: str, preset: str | None, device: str):
 
 
 def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    """Device name for task names and locks ("auto" resolved)."""
+    from gdp.prior.checkpoint import resolve_device as to_device
+    return str(to_device(name))
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ def coarse_up(coarse: torch.Tensor, plan: HierarchicalPlan) -> torch.Tensor:
 
 def restore_windows(y: torch.Tensor, op: Operator, prior, plan: HierarchicalPlan, coarse: torch.Tensor,
                     indices: list[int], steps: int, seed: int, guidance, batch_size: int = 8,
-                    coarse_weight: float | None = None) -> tuple[torch.Tensor, int]:
+                    coarse_weight: float | None = None, local_norm: float | None = None) -> tuple[torch.Tensor, int]:
     """Restore windows `indices` of the plan independently: `[len(indices), C, P, P]` in [0, 1], NFE.
 
     Window k always uses the generator seeded with (seed, k), so the result of a window does not
@@ -156,12 +156,12 @@ def restore_windows(y: torch.Tensor, op: Operator, prior, plan: HierarchicalPlan
     weight defaults to a quarter of ||A_local||^2, so the observation leads and the coarse image
     only steers what the observation leaves open.
     """
-    from gdp.guidance import operator_norm_sq
     from gdp.sampling import gdp_sample
     up = coarse_up(coarse.to(y.device), plan)
     c = prior.spec.unet.in_channels
     # norms from one window, so that a window's result never depends on its batch-mates
-    local_norm = operator_norm_sq(localize(op, y, [plan.windows[0]])[0], (1, c, plan.patch, plan.patch), y.device)
+    if local_norm is None:
+        local_norm = window_norm_sq(op, y, plan, c)
     if coarse_weight is None:
         coarse_weight = 0.25 * local_norm
     out, nfe = [], 0
@@ -178,6 +178,12 @@ def restore_windows(y: torch.Tensor, op: Operator, prior, plan: HierarchicalPlan
         out.append((result.x0 + 1) / 2)
         nfe += result.nfe * len(chunk)
     return torch.cat(out), nfe
+
+
+def window_norm_sq(op: Operator, y: torch.Tensor, plan: HierarchicalPlan, channels: int) -> float:
+    """||A_local||^2 of one window: the same for every window, computed once per image."""
+    from gdp.guidance import operator_norm_sq
+    return operator_norm_sq(localize(op, y, [plan.windows[0]])[0], (1, channels, plan.patch, plan.patch), y.device)
 
 
 def merge_windows(patches: torch.Tensor, plan: HierarchicalPlan, blend: str = "smooth") -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own hard limit at its default settings
 EXIF_ORIENTATION = 0x0112
 

@@ -193,10 +193,11 @@ def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patc
 
     Memory: the output plus one row of windows (StreamingMerger), whatever the image size.
     """
-    from gdp.hierarchical import global_pass, plan_hierarchical, restore_windows
+    from gdp.hierarchical import global_pass, plan_hierarchical, restore_windows, window_norm_sq
     from gdp.tiling import StreamingMerger
     height, width = op.x_shape(tuple(y.shape))[-2:]
     plan = plan_hierarchical(height, width, patch or prior.image_size, stride, align)
+    local_norm = window_norm_sq(op, y, plan, prior.spec.unet.in_channels)
     total, nfe = 0, 0
     for k in range(samples):
         sample_seed = seed + 1_000_003 * k
@@ -206,7 +207,7 @@ def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patc
         for start in range(0, len(plan.windows), batch_size):
             indices = list(range(start, min(start + batch_size, len(plan.windows))))
             patches, n_windows = restore_windows(y, op, prior, plan, coarse, indices, steps, sample_seed, guidance,
-                                                 batch_size)
+                                                 batch_size, local_norm=local_norm)
             for index, p in zip(indices, patches):
                 merger.add(merger.windows[index], p)
             n += n_windows

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gdp.prior.checkpoint import PriorSpec, build_prior, save_prior
+from gdp.prior.checkpoint import PriorSpec, build_prior, resolve_device, save_prior
 from gdp.prior.schedule import Schedule, make_betas
 from gdp.prior.unet import PRESETS, UNet
 
@@ -72,19 +72,10 @@ class DataError(ValueError):
     """No usable training images (one-line message)."""
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_training_images(uri: str, crop: int, exclude: tuple[str, ...] = ()) -> tuple[list[torch.Tensor], list[str]]:
     """Float `[3, H, W]` tensors in [-1, 1] of every readable image >= crop under `uri`, plus the
     skipped files with reasons (unreadable, too small)."""
-    from gdp.io import ImageError, list_images, read_image
+    from gdp.io import IMAGE_EXTENSIONS, ImageError, list_images, read_image
 
     files = [f for f in list_images(uri) if f.rsplit("/", 1)[-1] not in exclude]
     if not files:

@@ -142,6 +142,13 @@ def read_checkpoint(uri: str, data: bytes | None = None) -> tuple[dict, dict]:
     raise CheckpointError(f"{uri}: unknown checkpoint type; use .safetensors, .pt or .pth")
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """"auto" picks CUDA when available, else the CPU; anything else is taken as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def prior_uri(source: str) -> str:
     return str(DEFAULT_PRIOR) if source == "default" else str(source)
 
