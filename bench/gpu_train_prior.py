@@ -59,12 +59,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--preset", default="adm-small-64")
     ap.add_argument("--crop", type=int, default=64)
+    ap.add_argument("--gray-weight", type=float, default=1.0)
     args = ap.parse_args()
     run_dir = Path("/tmp/prior-run")
     cfg = TrainConfig(data_uri=DATA, out_uri=str(run_dir), preset=args.preset, crop=args.crop,
                       batch_size=args.batch_size, lr=args.lr, steps=10**7, checkpoint_every=2000,
                       ema_decay=0.9995, max_seconds=args.seconds, init_from=args.init,
-                      exclude=("astronaut.png", "coffee.png"))
+                      exclude=("astronaut.png", "coffee.png"), gray_weight=args.gray_weight)
     t0 = time.time()
     last = [0.0]
 

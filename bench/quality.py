@@ -1,6 +1,7 @@
 """Restoration quality of the default prior on the held-out sample crops, against simple baselines.
 
     python bench/quality.py TASK STEPS '[{"scale": 16000}, {"scale": 16000, "samples": 3}]'
+    python bench/quality.py TASK STEPS CONFIGS [PRIOR]   (PRIOR: default, a file or URL)
 
 TASK: sr (x4 avgpool; baseline bicubic upsampling), deblur (the paper's 9x9 kernel, same size;
 baseline the blurred observation), inpaint (25% random pixels, seed 0; baseline the observation,
@@ -40,7 +41,7 @@ def baseline(task: str, op, y: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     task, steps, configs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-    prior = load_prior("default")
+    prior = load_prior(sys.argv[4] if len(sys.argv) > 4 else "default")
     refs = [read_image(f).pixels for f in sorted(glob.glob(str(ROOT / "examples/reference/*.png")))]
     op = make_operator(task, **OPTIONS[task])
     ys = [degrade(x, op) for x in refs]

@@ -28,6 +28,7 @@ def train_prior(
     schedule: Literal["linear", "cosine"] = "linear",
     learn_sigma: bool = True,
     exclude: list[str] = [],
+    gray_weight: Annotated[float, Field(ge=0)] = 1.0,
     max_minutes: Annotated[float | None, Field(gt=0)] = None,
     init_from: str | None = None,
     device: str = "auto",
@@ -38,7 +39,8 @@ def train_prior(
     cfg = TrainConfig(data_uri=data_uri, out_uri=output_uri, preset=preset, crop=crop, steps=steps,
                       batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, schedule=schedule,
                       learn_sigma=learn_sigma, exclude=tuple(exclude), device=device, seed=seed,
-                      max_seconds=max_minutes * 60 if max_minutes else None, init_from=init_from)
+                      max_seconds=max_minutes * 60 if max_minutes else None, init_from=init_from,
+                      gray_weight=gray_weight)
     artifact = create_progress_artifact(progress=0.0, description=f"training {preset} on {data_uri}")
 
     def progress(p) -> None:

@@ -86,6 +86,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     p.add_argument("--fixed-sigma", action="store_true", help="train without the learned variance")
     p.add_argument("--exclude", nargs="*", default=[], help="file names kept out of training")
+    p.add_argument("--gray-weight", type=float, default=1.0,
+                   help="draw grayscale images this often relative to colour ones (e.g. 0.2: a more colourful prior)")
     p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
     p.add_argument("--init", help="start from these weights (fine-tune an existing prior)")
     p.add_argument("--device", default="auto")
@@ -98,7 +100,7 @@ def train_config(args: argparse.Namespace, data: str, out: str):
                        batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
                        schedule=args.schedule, learn_sigma=not args.fixed_sigma, exclude=tuple(args.exclude),
                        max_seconds=args.max_minutes * 60 if args.max_minutes else None, init_from=args.init,
-                       device=args.device, seed=args.seed)
+                       device=args.device, seed=args.seed, gray_weight=args.gray_weight)
 
 
 def build_parser() -> argparse.ArgumentParser:

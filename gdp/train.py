@@ -41,6 +41,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     min_scale: float = 0.5  # scale jitter: crops of crop/scale pixels, resized down to crop
     exclude: tuple[str, ...] = ()  # file names kept out of training (validation)
+    gray_weight: float = 1.0  # how often a grayscale source is drawn relative to a colour one (<1: more colour)
     seed: int = 0
     device: str = "auto"
     grid_size: int = 4  # sample grid is grid_size x grid_size
@@ -96,14 +97,24 @@ def load_training_images(uri: str, crop: int, exclude: tuple[str, ...] = ()) -> 
     return images, skipped
 
 
-def random_crops(images: list[torch.Tensor], n: int, crop: int, min_scale: float, g: torch.Generator) -> torch.Tensor:
-    """`[n, 3, crop, crop]` in [-1, 1]: random image, scale jitter, position, flip and 90-degree rotation.
+def is_gray(image: torch.Tensor) -> bool:
+    """True when the three channels of `[3, H, W]` are identical (a grayscale source used as RGB)."""
+    return bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
+
+
+def random_crops(images: list[torch.Tensor], n: int, crop: int, min_scale: float, g: torch.Generator,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """`[n, 3, crop, crop]` in [-1, 1]: random image (uniform, or drawn by `weights`), scale jitter,
+    position, flip and 90-degree rotation.
 
     All crops of one source image are drawn in one `grid_sample` call (bilinear), so this is cheap
     on a GPU; `images` are uint8 `[3, H, W]` on the training device.
     """
     device = images[0].device
-    which = torch.randint(len(images), (n,), generator=g)
+    if weights is None:
+        which = torch.randint(len(images), (n,), generator=g)
+    else:
+        which = torch.multinomial(weights, n, replacement=True, generator=g)
     scale = min_scale + (1 - min_scale) * torch.rand(n, generator=g)  # crop covers crop/scale source px
     pos = torch.rand(n, 2, generator=g)
     flip = torch.rand(n, generator=g) < 0.5
@@ -232,6 +243,14 @@ def train(cfg: TrainConfig, *, progress: Callable[[TrainProgress], None] | None 
     for s in skipped:
         log(f"skipped {s}")
     log(f"training on {len(images)} images ({len(skipped)} skipped) on {device}")
+    weights = None
+    if cfg.gray_weight != 1.0:
+        if cfg.gray_weight < 0:
+            raise DataError(f"gray_weight must be >= 0, got {cfg.gray_weight}")
+        weights = torch.tensor([cfg.gray_weight if is_gray(im) else 1.0 for im in images])
+        if not weights.sum() > 0:
+            raise DataError(f"{cfg.data_uri}: every image is grayscale and gray_weight is 0")
+        log(f"{int((weights != 1).sum())} grayscale images drawn with weight {cfg.gray_weight}")
     spec = spec_for(cfg)
     with torch.random.fork_rng(devices=[]):  # initial weights from cfg.seed; the caller's RNG is left as it was
         torch.manual_seed(cfg.seed)
@@ -266,7 +285,7 @@ def train(cfg: TrainConfig, *, progress: Callable[[TrainProgress], None] | None 
     while step < cfg.steps and not (cfg.max_seconds and time.time() - t_start > cfg.max_seconds):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        x0 = random_crops(images, cfg.batch_size, cfg.crop, cfg.min_scale, g).to(device)
+        x0 = random_crops(images, cfg.batch_size, cfg.crop, cfg.min_scale, g, weights).to(device)
         with autocast:
             loss, parts = loss_fn(unet, x0.contiguous(memory_format=torch.channels_last), g)
         opt.zero_grad(set_to_none=True)

@@ -370,3 +370,20 @@ def test_randn_per_image_uses_one_generator_per_image():
     a = randn_per_image((2, 3), make_generators(5, 3), torch.device("cpu"))
     b = randn_per_image((2, 3), [torch.Generator().manual_seed(6)], torch.device("cpu"))
     assert a.shape == (3, 2, 3) and torch.equal(a[1], b[0])
+
+
+@pytest.mark.parametrize("device,precision", [("cpu", "bf16"), pytest.param(
+    "cuda", "fp16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_reduced_precision_network_stays_close_to_fp32(tiny_prior, device, precision):
+    """Autocast applies to the network only: eps agrees with fp32 to bf16/fp16 accuracy."""
+    from gdp.prior.checkpoint import build_prior
+    prior = build_prior(tiny_prior.spec, tiny_prior.unet.state_dict(), device=device)
+    x = torch.randn(2, 3, 32, 32, device=device, generator=torch.Generator(device).manual_seed(0))
+    chain = prior.denoiser().chain(10)
+    ref = prior.denoiser().predict(x, 5, chain)
+    low = prior.set_precision(precision, channels_last=True).denoiser().predict(x, 5, chain)
+    assert low.eps.dtype == torch.float32 and low.mean.dtype == torch.float32
+    err = (low.eps - ref.eps).abs().max().item()
+    assert 0 < err < 0.05 * ref.eps.abs().max().item()  # changed (it ran in low precision), but close
+    with pytest.raises(ValueError, match="precision"):
+        prior.set_precision("int8")

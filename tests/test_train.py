@@ -131,3 +131,23 @@ def test_discretized_gaussian_nll_is_a_distribution_over_256_levels(mean, log_sc
     k = min(max(k, 1), 254)
     mass = exact(levels[k].item() + 1 / 255) - exact(levels[k].item() - 1 / 255)
     assert math.exp(-nll[k].item()) == pytest.approx(mass, abs=5e-4)
+
+
+def test_gray_weight_draws_colour_images_more_often():
+    """`gray_weight` is a sampling weight per source: 0 never draws the grayscale image, 1 is uniform."""
+    from gdp.train import is_gray, random_crops
+    colour = photo(40, 40, name="astronaut")[0] * 2 - 1
+    gray = colour.mean(0, keepdim=True).expand(3, -1, -1).contiguous()
+    assert is_gray(gray) and not is_gray(colour)
+    g = torch.Generator().manual_seed(0)
+    crops = random_crops([gray, colour], 200, 16, 0.5, g, torch.tensor([0.0, 1.0]))
+    chroma = (crops - crops.mean(1, keepdim=True)).abs().flatten(1).amax(1)
+    assert (chroma > 1e-3).all()  # every crop came from the colour image
+    crops = random_crops([gray, colour], 400, 16, 0.5, g, torch.tensor([0.25, 1.0]))
+    share = ((crops - crops.mean(1, keepdim=True)).abs().flatten(1).amax(1) < 1e-6).float().mean().item()
+    assert 0.12 < share < 0.28  # expected 0.25 / 1.25 = 0.2
+
+
+def test_gray_weight_rejects_a_negative_weight(data_dir, tmp_path):
+    with pytest.raises(DataError, match="gray_weight"):
+        train(replace(_config(data_dir, tmp_path / "run", 1), gray_weight=-1.0), log=lambda m: None)

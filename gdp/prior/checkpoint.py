@@ -16,7 +16,7 @@ from pathlib import Path
 import fsspec
 import torch
 
-from gdp.prior.denoiser import Denoiser, VarianceType
+from gdp.prior.denoiser import AUTOCAST, Denoiser, Precision, VarianceType
 from gdp.prior.schedule import Schedule, make_betas
 from gdp.prior.unet import PRESETS, UNet, UNetConfig
 
@@ -62,6 +62,7 @@ class Prior:
     spec: PriorSpec
     prior_id: str
     extra: dict = field(default_factory=dict)
+    precision: Precision = "fp32"  # the UNet's autocast precision in sampling (bf16/fp16: CUDA)
 
     @property
     def image_size(self) -> int:
@@ -75,7 +76,15 @@ class Prior:
         if variance is None:
             variance = "learned_range" if self.spec.unet.learn_sigma else "fixed_small"
         return Denoiser(self.unet, self.schedule, variance=variance, clip=clip,
-                        image_size=self.image_size, channels=self.spec.unet.in_channels)
+                        image_size=self.image_size, channels=self.spec.unet.in_channels, precision=self.precision)
+
+    def set_precision(self, precision: Precision, *, channels_last: bool = False) -> "Prior":
+        """Run the UNet under autocast in `precision` (and in channels_last memory format)."""
+        if precision not in AUTOCAST:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(AUTOCAST)}")
+        self.precision = precision
+        self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return self
 
 
 def build_prior(spec: PriorSpec, state_dict: dict | None = None, *, device: str | torch.device = "cpu",

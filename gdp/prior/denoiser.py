@@ -15,6 +15,8 @@ import torch
 from gdp.prior.schedule import Schedule
 
 VarianceType = Literal["learned_range", "fixed_small", "fixed_large"]
+Precision = Literal["fp32", "bf16", "fp16"]
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,11 @@ class Denoiser:
 
     def __init__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: Schedule, *,
                  variance: VarianceType = "learned_range", clip: bool = True, image_size: int | None = None,
-                 channels: int = 3):
+                 channels: int = 3, precision: Precision = "fp32"):
+        if precision not in AUTOCAST:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(AUTOCAST)}")
         self.model = model
+        self.precision = precision
         self.schedule = schedule
         self.variance = variance
         self.clip = clip
@@ -70,7 +75,13 @@ class Denoiser:
     def predict(self, x_t: torch.Tensor, i: int, chain: Chain) -> PriorOutput:
         """One network evaluation at step i of `chain`; x_t is `[B, C, H, W]`."""
         t = torch.full((x_t.shape[0],), chain.timesteps[i], device=x_t.device, dtype=torch.long)
-        out = self.model(x_t, t).float()
+        amp = AUTOCAST[self.precision]
+        if amp is None:
+            out = self.model(x_t, t).float()
+        else:  # the network in reduced precision (autocast); everything after it stays fp32
+            with torch.autocast(x_t.device.type, dtype=amp):
+                out = self.model(x_t, t)
+            out = out.float()
         c = self.channels
         eps = out[:, :c]
         x0_hat = (x_t - chain.sqrt_one_minus_alpha_bar[i] * eps) / chain.sqrt_alpha_bar[i]
