@@ -3,29 +3,43 @@
 discover -> plan (header + hash, in chunks) -> skip done -> shards -> restore_shard (per device,
 retried on transient errors) -> assemble each image -> Parquet manifest + artifacts. Tasks pass
 URIs and small dataclasses, never pixels; the library work lives in `gdp.collection`.
+
+Scale-out: with `shards=N` the planned inputs are split into N groups of about equal work, each
+restored by a child run of the `restore-shard/gpu` deployment on the work pool (any worker, any
+machine); with `task_runner="dask"` the restore runs as an in-process `restore-shard` child whose
+tasks go to a Dask cluster. Either way the parent merges the children's rows into its manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import posixpath
-from dataclasses import replace
-from typing import Annotated, Literal
+import time
+from dataclasses import dataclass, replace
+from typing import Annotated, Callable, Literal
 
 import fsspec
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.deployments import run_deployment
+from prefect.exceptions import ParameterTypeError, SignatureMismatchError
 from prefect.futures import as_completed, wait
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
+from pydantic_core import to_jsonable_python
 
 from gdp import collection as col
 from gdp.io import ImageError
 
 TaskName = Literal["sr", "deblur", "inpaint", "colorize"]
+SHARD_DEPLOYMENT = "restore-shard/gpu"  # prefect.yaml; its runs restore one group of a sharded run
+CHILD_POLL_SECONDS = 2.0
 
 
 class TaskOptions(BaseModel):
@@ -70,7 +84,9 @@ def restore_shard(jobs: list[col.ImageJob], shard_index: int, settings: col.Sett
     logger = get_run_logger()
     names = ", ".join(j.relpath for j in jobs)
     logger.info(f"shard {shard_index}: {len(jobs)} image(s), {sum(j.n_patches for j in jobs)} patches on {device}: {names}")
-    return col.restore_shard(jobs, settings, work_root, device)
+    results = col.restore_shard(jobs, settings, work_root, device)
+    logger.info(f"shard {shard_index} done in process {os.getpid()} (priors loaded by this process: {col.prior_loads()})")
+    return results
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
@@ -91,22 +107,35 @@ def restore_windows(batches: list[col.WindowBatch], shard_index: int, settings: 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient,
       task_run_name="assemble-{name}")
 def assemble(result: col.ImageResult, name: str, settings: col.Settings, prior_id: str, config_hash: str,
-             run_id: str, reference_uri: str | None) -> dict:
+             run_id: str, reference_uri: str | None, journal_root: str | None = None) -> dict:
+    """Write the output and return its manifest row; with `journal_root` (the output URI) the ok row is
+    also journaled at once, so a re-run after a crash skips this input."""
     try:
-        return col.assemble(result, settings, prior_id, config_hash, run_id, reference_uri)
+        row = col.assemble(result, settings, prior_id, config_hash, run_id, reference_uri)
     except (ImageError, ValueError) as e:  # a bad reference or output path: this image fails, not the run
         row = col.manifest_row(result.job, settings, prior_id, config_hash, run_id)
         return {**row, "status": "failed", "error": col.one_line(e)}
+    if journal_root and row["status"] == "ok":
+        col.journal_row(row, journal_root, run_id, settings.storage_options)
+    return row
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], task_run_name="write-manifest")
-def write_manifest(rows: list[dict], output_uri: str, run_id: str, storage_options: dict) -> str:
-    return col.write_manifest(rows, output_uri, run_id, storage_options)
+def write_manifest(rows: list[dict], output_uri: str, run_id: str, storage_options: dict,
+                   folder: str = col.MANIFEST_DIR) -> str:
+    return col.write_manifest(rows, output_uri, run_id, storage_options, folder)
 
 
 def _run_name() -> str:
     p = flow_run.parameters
     return f"{p.get('task', 'sr')}-{posixpath.basename(str(p.get('input_uri', '')).rstrip('/')) or 'input'}"
+
+
+def _shard_run_name() -> str:
+    p = flow_run.parameters
+    collection = p.get("collection") or {}
+    name = posixpath.basename(str(collection.get("input_uri", "")).rstrip("/")) or "input"
+    return f"{collection.get('task', 'sr')}-{name}-shard-{p.get('shard', 0)}"
 
 
 @flow(name="restore-collection", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=4),
@@ -133,46 +162,126 @@ def restore_collection(
     max_megapixels: Annotated[float, Field(gt=0)] = 100.0,
     overwrite: bool = False,
     storage_block: Annotated[str | None, Field(description="Prefect JSON block holding fsspec storage options")] = None,
+    shards: Annotated[int, Field(ge=1, le=1024, description="N > 1: N child runs of restore-shard/gpu on the "
+                                                           "work pool, each restoring a group of inputs")] = 1,
+    task_runner: Annotated[Literal["thread", "dask"], Field(description="dask: restore on a Dask cluster")] = "thread",
+    dask_address: Annotated[str | None, Field(description="an existing Dask scheduler (tcp://host:8786); "
+                                                          "none: a local cluster")] = None,
+    dask_workers: Annotated[int, Field(ge=1, description="worker processes of the local Dask cluster, "
+                                                         "one GPU task each at a time")] = 2,
 ):
     """Restore every image under `input_uri` into `output_uri` (same relative paths) and write a manifest."""
+    parameters = dict(locals())  # this run's parameters by name (for child runs), before any other local
+    _check_scale_out(shards, task_runner, dask_address)
     logger = get_run_logger()
-    storage = _storage_options(storage_block)
-    settings = col.Settings(task=task, options=_operator_options(task, options), prior=prior, preset=preset,
-                            steps=steps, seed=seed, guidance=guidance, scale=scale, samples=samples,
-                            tiling=tiling.mode, patch=tiling.patch, stride=tiling.stride, blend=tiling.blend,
-                            batch_size=batch_size, mask=options.mask, storage_options=storage)
-    run_id = str(flow_run.id or "local")
-    devices = [col.resolve_device(d) for d in devices]
-    model = col.cached_prior(prior, preset, col.resolve_device(devices[0]))  # fail early on a bad prior
-    config_hash = settings.config_hash(model.prior_id)
-    uris = col.discover(input_uri, pattern, max_images, storage)
-    logger.info(f"{len(uris)} image(s) under {input_uri}; prior {model.prior_id}; config {config_hash}")
-    chunks = [uris[i:i + 32] for i in range(0, len(uris), 32)]
-    planned = plan_images.map(chunks, range(len(chunks)), input_uri, output_uri, settings,
-                              settings.patch or model.image_size, int(max_megapixels * 1e6))
-    jobs = [job for fut in planned for job in fut.result()]
-    rows, todo = _skip_done(jobs, settings, model.prior_id, config_hash, run_id, output_uri, overwrite, storage)
+    run = _prepare(parameters)
+    uris = col.discover(input_uri, pattern, max_images, run.storage)
+    logger.info(f"{len(uris)} image(s) under {input_uri}; prior {run.prior_id}; config {run.config_hash}")
+    jobs = _plan(uris, run)
+    rows, todo = _skip_done(jobs, run)
     progress = create_progress_artifact(progress=0.0, description=f"{len(jobs)} images")
 
     def record(row: dict) -> None:
         rows.append(row)
         update_progress_artifact(artifact_id=progress, progress=100.0 * len(rows) / max(len(jobs), 1))
 
-    work_root = col.join_uri(output_uri, col.WORK_DIR, run_id)
+    collection = {**to_jsonable_python(parameters), "shards": 1}
+    if shards > 1 and todo:
+        _restore_in_child_runs(todo, shards, collection, run, record)
+    elif task_runner == "dask" and todo:
+        _restore_on_dask(todo, collection, run, record)
+    else:
+        _restore_jobs(todo, run, record)
+    return _finish(rows, run)
+
+
+@flow(name="restore-shard", flow_run_name=_shard_run_name, task_runner=ThreadPoolTaskRunner(max_workers=4),
+      log_prints=True)
+def restore_shard_flow(
+    collection: Annotated[dict, Field(description="the parameters of the restore-collection run")],
+    inputs: Annotated[list[str], Field(description="image URIs under collection.input_uri")],
+    shard: Annotated[int, Field(ge=0)] = 0,
+):
+    """Restore `inputs` with the settings of a restore-collection run and write this run's partial
+    manifest, OUTPUT/_manifests/_shards/run-<flow_run_id>.parquet (one row per input)."""
+    run = _prepare(_collection_parameters(collection))
+    get_run_logger().info(f"shard {shard}: {len(inputs)} input(s); prior {run.prior_id}; config {run.config_hash}")
+    rows, todo = _skip_done(_plan(inputs, run), run)
+    _restore_jobs(todo, run, rows.append)
+    return _finish(rows, run, folder=posixpath.join(col.MANIFEST_DIR, col.SHARD_MANIFEST_DIR), keyed=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# one run's context, planning, restoring, finishing
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the steps of one flow run share, built once from its parameters."""
+
+    settings: col.Settings
+    output_uri: str
+    run_id: str
+    devices: tuple[str, ...]
+    prior_id: str
+    native: int
+    config_hash: str
+    input_uri: str
+    reference_uri: str | None
+    shard_patches: int
+    max_pixels: int
+    overwrite: bool
+
+    @property
+    def storage(self) -> dict:
+        return self.settings.storage_options
+
+    @property
+    def work_root(self) -> str:
+        return col.join_uri(self.output_uri, col.WORK_DIR, self.run_id)
+
+
+def _prepare(p: dict) -> _Run:
+    """Settings, devices and the prior (loaded here, so a bad prior fails the run before any work)."""
+    options, tiling = p["options"], p["tiling"]
+    settings = col.Settings(task=p["task"], options=_operator_options(p["task"], options), prior=p["prior"],
+                            preset=p["preset"], steps=p["steps"], seed=p["seed"], guidance=p["guidance"],
+                            scale=p["scale"], samples=p["samples"], tiling=tiling.mode, patch=tiling.patch,
+                            stride=tiling.stride, blend=tiling.blend, batch_size=p["batch_size"], mask=options.mask,
+                            storage_options=_storage_options(p["storage_block"]))
+    devices = tuple(col.resolve_device(d) for d in p["devices"])
+    model = col.cached_prior(p["prior"], p["preset"], devices[0])
+    return _Run(settings, p["output_uri"], str(flow_run.id or "local"), devices, model.prior_id,
+                settings.patch or model.image_size, settings.config_hash(model.prior_id), p["input_uri"],
+                p["reference_uri"], p["shard_patches"], int(p["max_megapixels"] * 1e6), p["overwrite"])
+
+
+def _plan(uris: list[str], run: _Run) -> list[col.ImageJob]:
+    chunks = [uris[i:i + 32] for i in range(0, len(uris), 32)]
+    planned = plan_images.map(chunks, range(len(chunks)), run.input_uri, run.output_uri, run.settings, run.native,
+                              run.max_pixels)
+    return [job for fut in planned for job in fut.result()]
+
+
+def _restore_jobs(todo: list[col.ImageJob], run: _Run, record: Callable[[dict], None]) -> None:
+    """Restore `todo` with this run's task runner: whole images in shards of about `shard_patches`
+    patches per device, hierarchical ones as a coarse pass plus window shards; each image is
+    assembled (and journaled) as soon as it is restored, and its row recorded."""
     whole = [job for job in todo if job.mode != "hierarchical"]
-    shards = col.make_shards(whole, shard_patches)
-    shard_futures = [restore_shard.submit(shard, k, settings, work_root, devices[k % len(devices)])
-                     for k, shard in enumerate(shards)]
+    shards = col.make_shards(whole, run.shard_patches)
+    with _gpu_slot():
+        shard_futures = [restore_shard.submit(shard, k, run.settings, run.work_root, run.devices[k % len(run.devices)])
+                         for k, shard in enumerate(shards)]
     assembling = {}  # future -> the ImageResult it assembles
 
     def assemble_all(results: list[col.ImageResult]) -> None:
         for result in results:
-            assembling[assemble.submit(result, result.job.relpath, settings, model.prior_id, config_hash,
-                                       run_id, reference_uri)] = result
+            assembling[assemble.submit(result, result.job.relpath, run.settings, run.prior_id, run.config_hash,
+                                       run.run_id, run.reference_uri, run.output_uri)] = result
 
     hierarchical = [job for job in todo if job.mode == "hierarchical"]
     if hierarchical:  # runs while the whole-image shards use the pool's other threads
-        assemble_all(_restore_hierarchical(hierarchical, settings, work_root, devices, shard_patches))
+        assemble_all(_restore_hierarchical(hierarchical, run))
     for fut in as_completed(shard_futures):
         fut.wait()  # stores the final state locally (the API lags behind)
         results = fut.result(raise_on_failure=False)
@@ -184,25 +293,18 @@ def restore_collection(
         fut.wait()
         row = fut.result(raise_on_failure=False)
         if not isinstance(row, dict):  # assemble failed after its retries: a full row, so _report works
-            job = assembling[fut].job
-            row = {**col.manifest_row(job, settings, model.prior_id, config_hash, run_id),
-                   "status": "failed", "error": col.one_line(row)}
+            row = _failed_row(assembling[fut].job, run, col.one_line(row))
         record(row)
     wait(list(assembling))
-    _clean_work_area(work_root, storage)
-    manifest = write_manifest(rows, output_uri, run_id, storage)
-    _report(rows, manifest)
-    failed = sum(r["status"] == "failed" for r in rows)
-    message = f"{len(rows)} images: {len(rows) - failed} ok or skipped, {failed} failed; manifest at {manifest}"
-    logger.info(message)
-    return Failed(message=message, data=manifest) if failed else Completed(message=message, data=manifest)
 
 
-def _restore_hierarchical(jobs: list[col.ImageJob], settings: col.Settings, work_root: str, devices: list[str],
-                          shard_patches: int) -> list[col.ImageResult]:
+def _restore_hierarchical(jobs: list[col.ImageJob], run: _Run) -> list[col.ImageResult]:
     """Coarse pass per image, then shards of windows from one or several images (independent
     chains, so they spread over devices and workers); results point at the window files."""
-    coarse = [coarse_pass.submit(job, settings, work_root, devices[k % len(devices)]) for k, job in enumerate(jobs)]
+    settings, work_root, devices = run.settings, run.work_root, run.devices
+    with _gpu_slot():
+        coarse = [coarse_pass.submit(job, settings, work_root, devices[k % len(devices)])
+                  for k, job in enumerate(jobs)]
     errors, nfe, seconds = {}, {}, {}
     for job, fut in zip(jobs, coarse):
         fut.wait()
@@ -212,9 +314,10 @@ def _restore_hierarchical(jobs: list[col.ImageJob], settings: col.Settings, work
         else:
             nfe[job.relpath], seconds[job.relpath] = out[1], out[2]
     ready = [job for job in jobs if job.relpath not in errors]
-    shards = col.window_batches(ready, shard_patches)
-    futures = [restore_windows.submit(shard, k, settings, work_root, devices[k % len(devices)])
-               for k, shard in enumerate(shards)]
+    shards = col.window_batches(ready, run.shard_patches)
+    with _gpu_slot():
+        futures = [restore_windows.submit(shard, k, settings, work_root, devices[k % len(devices)])
+                   for k, shard in enumerate(shards)]
     parts: dict[str, list[str]] = {job.relpath: [] for job in ready}
     for shard, fut in zip(shards, futures):
         fut.wait()
@@ -232,6 +335,126 @@ def _restore_hierarchical(jobs: list[col.ImageJob], settings: col.Settings, work
                             tiling={**tiling, "n_patches": job.n_patches}) for job in jobs]
 
 
+def _finish(rows: list[dict], run: _Run, folder: str = col.MANIFEST_DIR, keyed: bool = True):
+    """Manifest (then the journal it replaces), artifacts, and the final state: Failed if any input failed."""
+    _clean_work_area(run.work_root, run.storage)
+    manifest = write_manifest(rows, run.output_uri, run.run_id, run.storage, folder)
+    col.clear_journal(run.output_uri, run.run_id, run.storage)
+    _report(rows, manifest, keyed)
+    failed = sum(r["status"] == "failed" for r in rows)
+    message = f"{len(rows)} images: {len(rows) - failed} ok or skipped, {failed} failed; manifest at {manifest}"
+    get_run_logger().info(message)
+    return Failed(message=message, data=manifest) if failed else Completed(message=message, data=manifest)
+
+
+def _failed_row(job: col.ImageJob, run: _Run, error: str) -> dict:
+    return {**col.manifest_row(job, run.settings, run.prior_id, run.config_hash, run.run_id),
+            "status": "failed", "error": error}
+
+
+# ---------------------------------------------------------------------------------------------
+# scale-out: child runs on the work pool, or a Dask cluster
+
+
+def _check_scale_out(shards: int, task_runner: str, dask_address: str | None) -> None:
+    if shards > 1 and task_runner == "dask":
+        raise ValueError("shards > 1 runs child runs on the work pool's workers and task_runner='dask' runs on a "
+                         "Dask cluster: choose one (shards=1 with dask, or task_runner='thread')")
+    if dask_address and task_runner != "dask":
+        raise ValueError("dask_address is used only with task_runner='dask'")
+
+
+def _collection_parameters(collection: dict) -> dict:
+    """A restore-collection run's parameters, validated and completed exactly as that flow does."""
+    try:
+        return restore_collection.validate_parameters(collection)
+    except (ParameterTypeError, SignatureMismatchError) as e:
+        raise ValueError(f"collection: {' '.join(str(e).split())}") from None
+
+
+def _restore_in_child_runs(todo: list[col.ImageJob], shards: int, collection: dict, run: _Run,
+                           record: Callable[[dict], None]) -> None:
+    """Split `todo` into `shards` groups of about equal work, run each as a child run of the
+    restore-shard deployment (any worker of its pool takes it) and merge the rows of their partial
+    manifests. A child that ends without its manifest (crashed, or its worker lost) is started once
+    more; the inputs of one that does so twice become failed rows."""
+    from prefect.client.orchestration import get_client
+    logger = get_run_logger()
+    groups = col.split_balanced(todo, shards)
+    logger.info(f"{len(todo)} image(s) in {len(groups)} child runs of {SHARD_DEPLOYMENT}, patches per child: "
+                f"{[sum(j.n_patches for j in g) for g in groups]}")
+    children = {k: _start_child(collection, group, k) for k, group in enumerate(groups)}
+    retried = set()
+    with get_client(sync_client=True) as client:
+        while children:
+            time.sleep(CHILD_POLL_SECONDS)
+            for k, child_id in list(children.items()):
+                state = client.read_flow_run(child_id).state
+                if not state or not state.is_final():
+                    continue
+                del children[k]
+                rows = _child_rows(run, child_id)
+                if rows is None and k not in retried:
+                    logger.warning(f"shard {k}: child run {child_id} ended {state.name} without its manifest "
+                                   f"({state.message}); starting it once more")
+                    retried.add(k)
+                    children[k] = _start_child(collection, groups[k], k)
+                    continue
+                error = f"shard {k} (child run {child_id}) ended {state.name}: {' '.join(str(state.message).split())}"
+                for row in _merge_rows(groups[k], rows or [], run, error):
+                    record(row)
+
+
+def _start_child(collection: dict, group: list[col.ImageJob], k: int):
+    child = run_deployment(SHARD_DEPLOYMENT, timeout=0, parameters={
+        "collection": collection, "inputs": [job.source_uri for job in group], "shard": k})
+    return child.id
+
+
+def _child_rows(run: _Run, child_id) -> list[dict] | None:
+    uri = col.shard_manifest_uri(run.output_uri, str(child_id))
+    return col.read_manifest(uri, run.storage) if _exists(uri, run.storage) else None
+
+
+def _merge_rows(group: list[col.ImageJob], rows: list[dict], run: _Run, error: str) -> list[dict]:
+    """One row per input of the group: the child's row, or a failed row with the child's fate."""
+    by_source = {row["source_uri"]: row for row in rows}
+    return [by_source.get(job.source_uri) or _failed_row(job, run, error) for job in group]
+
+
+def _restore_on_dask(todo: list[col.ImageJob], collection: dict, run: _Run, record: Callable[[dict], None]) -> None:
+    """Restore `todo` in a restore-shard child run (in this process) whose tasks run on Dask."""
+    runner = _dask_runner(collection["dask_address"], collection["dask_workers"])
+    state = restore_shard_flow.with_options(task_runner=runner)(
+        collection=collection, inputs=[job.source_uri for job in todo], return_state=True)
+    manifest = state.result(raise_on_failure=False)
+    rows = col.read_manifest(manifest, run.storage) if isinstance(manifest, str) else []
+    for row in _merge_rows(todo, rows, run, f"the Dask child run ended {state.name}: {state.message}"):
+        record(row)
+
+
+def _dask_runner(address: str | None, workers: int):
+    """An existing cluster (its workers started with `--resources GPU=1`), or a local cluster of
+    `workers` processes, each with one GPU resource: one GPU task per worker at a time."""
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ValueError("task_runner='dask' needs prefect-dask: pip install 'gdp[dask]'") from None
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 2, "processes": True,
+                                          "resources": {"GPU": 1}, "dashboard_address": None})
+
+
+def _gpu_slot():
+    """Under the Dask task runner, tasks submitted here take the worker's one GPU resource."""
+    context = FlowRunContext.get()
+    if type(getattr(context, "task_runner", None)).__name__ != "DaskTaskRunner":
+        return contextlib.nullcontext()
+    import dask
+    return dask.annotate(resources={"GPU": 1})
+
+
 def _operator_options(task: str, options: TaskOptions) -> dict:
     from gdp.restore import operator_options
     return operator_options(task, **options.model_dump())
@@ -244,15 +467,16 @@ def _storage_options(block_name: str | None) -> dict:
     return dict(JSON.load(block_name).value)
 
 
-def _skip_done(jobs, settings, prior_id, config_hash, run_id, output_uri, overwrite, storage):
+def _skip_done(jobs: list[col.ImageJob], run: _Run) -> tuple[list[dict], list[col.ImageJob]]:
     """Rows for failed plans and already-done inputs, and the jobs left to restore."""
-    done = set() if overwrite else col.previous_successes(output_uri, storage)
+    done = set() if run.overwrite else col.previous_successes(run.output_uri, run.storage)
     rows, todo = [], []
     for job in jobs:
         if job.status == "failed":
-            rows.append(col.manifest_row(job, settings, prior_id, config_hash, run_id))
-        elif (job.content_sha256, config_hash) in done and _exists(job.output_uri, storage):
-            rows.append(col.manifest_row(replace(job, status="skipped"), settings, prior_id, config_hash, run_id))
+            rows.append(col.manifest_row(job, run.settings, run.prior_id, run.config_hash, run.run_id))
+        elif (job.content_sha256, run.config_hash) in done and _exists(job.output_uri, run.storage):
+            rows.append(col.manifest_row(replace(job, status="skipped"), run.settings, run.prior_id, run.config_hash,
+                                         run.run_id))
         else:
             todo.append(job)
     return rows, todo
@@ -273,11 +497,13 @@ def _clean_work_area(work_root: str, storage: dict) -> None:
         fs.rm(parent, recursive=True)
 
 
-def _report(rows: list[dict], manifest: str) -> None:
+def _report(rows: list[dict], manifest: str, keyed: bool = True) -> None:
+    """Summary table, manifest link and markdown report; keyed (versioned on the Artifacts page) for
+    a collection run, only on the run's page for a child run."""
     summary = col.summarise(rows)
-    create_table_artifact(key="restore-summary", table=[summary], description="Collection summary")
+    create_table_artifact(key="restore-summary" if keyed else None, table=[summary], description="Collection summary")
     link = manifest if "://" in manifest else f"file://{manifest}"
-    create_link_artifact(key="restore-manifest", link=link, link_text="manifest.parquet")
+    create_link_artifact(key="restore-manifest" if keyed else None, link=link, link_text="manifest.parquet")
     ok = sorted((r for r in rows if r["status"] == "ok" and r["consistency_psnr"] is not None),
                 key=lambda r: r["consistency_psnr"])[:10]
     lines = ["# Restoration report", "",
@@ -290,4 +516,4 @@ def _report(rows: list[dict], manifest: str) -> None:
     if failures:
         lines += ["", "## Failed", "", "| image | error |", "|---|---|"]
         lines += [f"| {r['source_uri']} | {r['error']} |" for r in failures]
-    create_markdown_artifact(key="restore-report", markdown="\n".join(lines))
+    create_markdown_artifact(key="restore-report" if keyed else None, markdown="\n".join(lines))

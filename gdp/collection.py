@@ -28,6 +28,9 @@ from gdp.io import ImageError, list_images, read_image, read_info, relative_path
 MANIFEST_DIR = "_manifests"
 WORK_DIR = "_work"
 MASK_SUFFIX = ".mask.png"
+# Under MANIFEST_DIR, hidden from dataset readers (pyarrow skips names that start with "_"):
+SHARD_MANIFEST_DIR = "_shards"  # partial manifests of child runs (a sharded run merges them into its own)
+JOURNAL_DIR = "_journal"  # one row per finished input, written at once; dropped with the run's manifest
 
 
 @dataclass(frozen=True)
@@ -138,13 +141,14 @@ def one_line(e: BaseException) -> str:
 
 
 def previous_successes(output_root: str, storage_options: dict | None = None) -> set[tuple[str, str]]:
-    """(content_sha256, config_hash) of every ok row in earlier manifests under output_root."""
+    """(content_sha256, config_hash) of every ok row under output_root/_manifests: run manifests, child
+    runs' partial manifests and the journals of runs that died before writing their manifest."""
     import pandas as pd
     fs, root = fsspec.core.url_to_fs(join_uri(output_root, MANIFEST_DIR), **(storage_options or {}))
     if not fs.exists(root):
         return set()
     done = set()
-    for path in fs.glob(join_uri(root, "*.parquet")):
+    for path in sorted(p for p in fs.find(root) if p.endswith(".parquet")):
         with fs.open(path, "rb") as f:
             df = pd.read_parquet(f, columns=["status", "content_sha256", "config_hash"])
         ok = df[df.status == "ok"]
@@ -166,6 +170,18 @@ def make_shards(jobs: list[ImageJob], shard_patches: int) -> list[list[ImageJob]
     if current:
         shards.append(current)
     return shards
+
+
+def split_balanced(jobs: list[ImageJob], n: int) -> list[list[ImageJob]]:
+    """At most `n` non-empty groups of whole images with about equal planned work (patches): largest
+    image first, each to the group with the least work so far (LPT)."""
+    groups: list[list[ImageJob]] = [[] for _ in range(min(n, len(jobs)))]
+    work = [0] * len(groups)
+    for job in sorted(jobs, key=lambda j: -j.n_patches):
+        k = work.index(min(work))
+        groups[k].append(job)
+        work[k] += max(job.n_patches, 1)
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +207,11 @@ def cached_prior(source: str, preset: str | None, device: str):
     """The prior, loaded once per worker process and device."""
     with _PRIOR_LOCK:
         return _cached_prior(source, preset, device)
+
+
+def prior_loads() -> int:
+    """How many priors this process has loaded from storage (cache misses of `cached_prior`)."""
+    return _cached_prior.cache_info().misses
 
 
 def resolve_device(name: str) -> str:
@@ -453,15 +474,49 @@ def manifest_schema():
     ])
 
 
-def write_manifest(rows: list[dict], output_root: str, run_id: str, storage_options: dict | None = None) -> str:
-    """One Parquet file per run at OUTPUT/_manifests/run-<run_id>.parquet (written in one upload)."""
+def write_manifest(rows: list[dict], output_root: str, run_id: str, storage_options: dict | None = None,
+                   folder: str = MANIFEST_DIR) -> str:
+    """One Parquet file per run at OUTPUT/<folder>/run-<run_id>.parquet (written in one upload)."""
+    uri = join_uri(output_root, folder, f"run-{run_id}.parquet")
+    _write_rows(rows, uri, storage_options)
+    return uri
+
+
+def shard_manifest_uri(output_root: str, run_id: str) -> str:
+    """Where the child run `run_id` of a sharded run writes its partial manifest."""
+    return join_uri(output_root, MANIFEST_DIR, SHARD_MANIFEST_DIR, f"run-{run_id}.parquet")
+
+
+def read_manifest(uri: str, storage_options: dict | None = None) -> list[dict]:
+    import pyarrow.parquet as pq
+    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        return pq.read_table(f).to_pylist()
+
+
+def journal_row(row: dict, output_root: str, run_id: str, storage_options: dict | None = None) -> str:
+    """Record one finished input at once, so that a run that dies before its manifest loses nothing:
+    `previous_successes` reads journals, and a re-run skips the input instead of writing it again."""
+    name = hashlib.sha1(row["source_uri"].encode()).hexdigest()[:16] + ".parquet"
+    uri = join_uri(output_root, MANIFEST_DIR, JOURNAL_DIR, f"run-{run_id}", name)
+    _write_rows([row], uri, storage_options)
+    return uri
+
+
+def clear_journal(output_root: str, run_id: str, storage_options: dict | None = None) -> None:
+    """Drop a run's journal once its manifest holds the same rows."""
+    fs, path = fsspec.core.url_to_fs(join_uri(output_root, MANIFEST_DIR, JOURNAL_DIR, f"run-{run_id}"),
+                                     **(storage_options or {}))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _write_rows(rows: list[dict], uri: str, storage_options: dict | None = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     schema = manifest_schema()
     table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    uri = join_uri(output_root, MANIFEST_DIR, f"run-{run_id}.parquet")
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     if isinstance(fs, LocalFileSystem):  # rename for atomicity; object stores' single PUT already is
@@ -470,7 +525,6 @@ def write_manifest(rows: list[dict], output_root: str, run_id: str, storage_opti
         fs.mv(tmp, path)
     else:
         fs.pipe_file(path, buf.getvalue())
-    return uri
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -55,6 +55,19 @@ def test_make_shards_packs_whole_images_biggest_first():
     assert col.make_shards([], 8) == []
 
 
+def test_split_balanced_groups_whole_images_by_planned_patches():
+    jobs = [job("a", 1), job("b", 5), job("c", 3), job("d", 9), job("e", 2), job("f", 2), job("g", 4)]
+    groups = col.split_balanced(jobs, 2)
+    assert [[j.relpath for j in g] for g in groups] == [["d", "c", "a"], ["b", "g", "e", "f"]]
+    assert [sum(j.n_patches for j in g) for g in groups] == [13, 13]
+    assert sorted(j.relpath for g in groups for j in g) == list("abcdefg")  # every job exactly once
+    three = col.split_balanced(jobs, 3)
+    assert [sum(j.n_patches for j in g) for g in three] == [9, 9, 8]
+    assert [len(g) for g in col.split_balanced(jobs[:2], 4)] == [1, 1]  # no empty groups
+    assert col.split_balanced([], 3) == []
+    assert [len(g) for g in col.split_balanced([job(n, 0) for n in "xyz"], 2)] == [2, 1]  # zero-patch plans count 1
+
+
 # ------------------------------------------------------------------------------- config hash
 
 
@@ -200,6 +213,27 @@ def test_write_manifest_and_previous_successes(tmp_path):
     assert pq.read_table(str(tmp_path / "out" / "_manifests")).num_rows == 5
     assert sorted(p.name for p in (tmp_path / "out" / "_manifests").iterdir()) == \
         ["run-r1.parquet", "run-r2.parquet", "run-r3.parquet"]  # no temporary files left
+
+
+def test_journal_and_shard_manifests_count_as_done_but_stay_out_of_the_dataset(tmp_path):
+    """A run that dies keeps its journaled rows; a child run's partial manifest counts too; dataset
+    readers of _manifests see only run manifests (pyarrow skips "_" folders)."""
+    out = str(tmp_path / "out")
+    col.write_manifest([row("a", "ok")], out, "r1")
+    journaled = col.journal_row(row("b", "ok"), out, "crashed")
+    col.journal_row(row("c", "failed"), out, "crashed")
+    assert journaled.startswith(str(tmp_path / "out" / "_manifests" / "_journal" / "run-crashed") + "/")
+    shard = col.shard_manifest_uri(out, "child-1")
+    assert shard == str(tmp_path / "out" / "_manifests" / "_shards" / "run-child-1.parquet")
+    assert col.write_manifest([row("d", "ok"), row("e", "skipped")], out, "child-1",
+                              folder="_manifests/_shards") == shard
+    assert [r["status"] for r in col.read_manifest(shard)] == ["ok", "skipped"]
+    assert col.previous_successes(out) == {("a", "cfg"), ("b", "cfg"), ("d", "cfg")}
+    assert pq.read_table(str(tmp_path / "out" / "_manifests")).num_rows == 1  # run manifests only
+    col.clear_journal(out, "crashed")
+    col.clear_journal(out, "never-ran")  # nothing to clear: no error
+    assert col.previous_successes(out) == {("a", "cfg"), ("d", "cfg")}
+    assert not (tmp_path / "out" / "_manifests" / "_journal" / "run-crashed").exists()
 
 
 def test_summarise():
