@@ -8,14 +8,26 @@ read_image -> restore -> write_image, (b) the flow over the same folder (overwri
 the median wall times, their ratio, and the share of the flow's wall time spent in UNet forwards.
 `--rss-megapixels 16` instead runs the flow once on one image of that many output megapixels
 (1 step) and reports the process's peak RSS.
+
+Scaling (time and peak memory against image size, hierarchical mode):
+
+    python bench/pipeline.py --scaling 1 4 16 --steps 2 --repeats 3 [--plot docs/img/scaling.png]
+
+makes one x4 SR observation per size (output side = sqrt(MP) rounded down to a multiple of 4),
+then restores it `--repeats` times, each in a fresh process (`--one`: read -> restore ->
+write, the library path a worker runs; timed after the prior is loaded) so that each peak RSS is that run's own; prints medians,
+appends every run to --data (JSON) and plots seconds and peak RSS against megapixels.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,14 +74,109 @@ def flow_run(folder: Path, out: Path, steps: int, tiling: str = "auto") -> float
     return time.perf_counter() - t0
 
 
+def make_observation(path: Path, side: int) -> None:
+    """An x4 SR observation of a side x side output, made at the low resolution directly (a
+    bilinear resize of the held-out crop, quantised to 8 bits): no full-size image in memory."""
+    ref = read_image(str(ROOT / "examples/reference/astronaut-face.png")).pixels
+    low = torch.nn.functional.interpolate(ref, size=(side // 4, side // 4), mode="bilinear", align_corners=False)
+    write_image(str(path), low)
+
+
+def one_run(obs: Path, out: Path, steps: int, tiling: str) -> dict:
+    """read -> restore -> write in this process; wall time, NFE and this process's peak RSS."""
+    prior = col.cached_prior("default", None, "cpu")
+    timer = UNetTimer(prior.unet)
+    t0 = time.perf_counter()
+    y = read_image(str(obs)).pixels
+    r = restore(y, "sr", prior, factor=4, steps=steps, seed=[0], tiling=tiling)
+    write_image(str(out), r.image)
+    seconds = time.perf_counter() - t0
+    return {"megapixels": r.image.shape[-1] * r.image.shape[-2] / 1e6, "side": r.image.shape[-1], "steps": steps,
+            "tiling": r.tiling.get("mode"), "n_patches": r.tiling.get("n_patches"), "nfe": r.nfe,
+            "seconds": seconds, "unet_seconds": timer.seconds,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}
+
+
+def scaling(sizes: list[float], steps: int, repeats: int, tiling: str, data: Path, plot: Path | None) -> None:
+    tmp = Path(tempfile.mkdtemp())
+    runs = json.loads(data.read_text()) if data.exists() else []
+    meta = {"date": time.strftime("%a %d %b %Y %H:%M:%S %Z"), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+            "threads": torch.get_num_threads()}
+    print("| output | MP | steps | NFE | seconds (median) | s / MP / step | UNet share | peak RSS GiB (median) | runs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mp in sizes:
+        side = int((mp * 1e6) ** 0.5) // 4 * 4
+        obs = tmp / f"obs{side}.png"
+        make_observation(obs, side)
+        rows = []
+        for k in range(repeats):
+            cmd = [sys.executable, __file__, "--one", str(obs), str(tmp / "out.png"), "--steps", str(steps),
+                   "--tiling", tiling]
+            rows.append({**json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout), **meta})
+            runs.append(rows[-1])
+            data.parent.mkdir(parents=True, exist_ok=True)
+            data.write_text(json.dumps(runs, indent=1))
+        med = {k: statistics.median(r[k] for r in rows) for k in ("seconds", "unet_seconds", "peak_rss_gib")}
+        r0 = rows[0]
+        runs_text = ", ".join(f"{r['seconds']:.0f} s / {r['peak_rss_gib']:.2f} GiB" for r in rows)
+        print(f"| {side}x{side} | {r0['megapixels']:.2f} | {steps} | {r0['nfe']} | {med['seconds']:.1f} | "
+              f"{med['seconds'] / r0['megapixels'] / steps:.1f} | {statistics.median(r['unet_seconds'] / r['seconds'] for r in rows):.3f} | "
+              f"{med['peak_rss_gib']:.2f} | {runs_text} |",
+              flush=True)
+    if plot:
+        plot_scaling(runs, plot)
+
+
+def plot_scaling(runs: list[dict], out: Path) -> None:
+    """Seconds per step and peak RSS against output megapixels (medians over runs, log-log)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["megapixels"], r["steps"]), []).append(r)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for steps in sorted({s for _, s in groups}):
+        keys = sorted(k for k in groups if k[1] == steps)
+        mps = [k[0] for k in keys]
+        ax1.plot(mps, [statistics.median(r["seconds"] for r in groups[k]) for k in keys], "o-", label=f"{steps} step(s)")
+        ax2.plot(mps, [statistics.median(r["peak_rss_gib"] for r in groups[k]) for k in keys], "o-",
+                 label=f"{steps} step(s)")
+    for ax, label in ((ax1, "wall time (s, median)"), (ax2, "peak RSS (GiB, median)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("output megapixels (x4 SR, hierarchical, default prior)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="default 10 (overhead); 1 with --rss-megapixels")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rss-megapixels", type=float)
-    ap.add_argument("--tiling", default="auto", help="with --rss-megapixels: auto, fused or hierarchical")
+    ap.add_argument("--tiling", default="auto", help="with --rss-megapixels or --scaling: auto, fused or hierarchical")
+    ap.add_argument("--scaling", type=float, nargs="+", help="output megapixels: time and peak RSS per size")
+    ap.add_argument("--data", type=Path, default=ROOT / "docs/data/scaling.json")
+    ap.add_argument("--plot", type=Path)
+    ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--one", nargs=2, type=Path, metavar=("OBS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one_run(*args.one, args.steps, args.tiling)))
+        return
+    if args.plot_only:
+        plot_scaling(json.loads(args.data.read_text()), args.plot)
+        return
+    if args.scaling:
+        scaling(args.scaling, args.steps, args.repeats, "hierarchical" if args.tiling == "auto" else args.tiling,
+                args.data, args.plot)
+        return
     tmp = Path(tempfile.mkdtemp())
     if args.rss_megapixels:
         side = int((args.rss_megapixels * 1e6) ** 0.5) // 4 * 4
