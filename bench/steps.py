@@ -5,6 +5,10 @@ GDP-x0 and GDP-xt, plotted as PSNR and consistency PSNR against NFE.
                           [--data docs/data/quality_vs_steps.json] [--plot docs/img/quality_vs_steps.png]
     python bench/steps.py --plot-only          (redraw the plot and the table from --data)
 
+`--long-steps 1000 --long-images astronaut-face` runs step counts >= 1000 on those images only
+(1000 steps of one 64x64 image and task cost 1000 NFE); the plot then draws the mean over all
+images where every image ran (thick) and the long-run images alone at every step count (thin).
+
 Images: the three 128x128 held-out crops in examples/reference/, average-pooled to --size (64 by
 default: one patch of the default prior, so NFE = steps). Baselines run once (they have no
 steps). Results are saved to --data after every (steps, guidance) pair, and a re-run skips the
@@ -46,11 +50,12 @@ def run(args, data: dict) -> None:
             data["rows"] += evaluate_image(x, name, prior, tasks=args.tasks, steps=1, guidance=())
         save(args.data, data)
     for steps in args.steps:
+        subset = {n: x for n, x in images.items() if steps < args.long_steps or n in args.long_images}
         for mode in ("x0", "xt"):
             if (steps, f"gdp-{mode}") in done:
                 continue
             t0 = time.perf_counter()
-            for name, x in images.items():
+            for name, x in subset.items():
                 data["rows"] += evaluate_image(x, name, prior, tasks=args.tasks, steps=steps, guidance=(mode,),
                                                baselines=False, batch_size=args.batch_size)
             save(args.data, data)
@@ -69,11 +74,13 @@ def table(rows: list[dict]) -> str:
     import pandas as pd
     df = pd.DataFrame(rows)
     df["steps"] = df["steps"].fillna(0).astype(int)
-    means = df.groupby(["task", "method", "steps"], sort=False)[["nfe", "psnr", "ssim", "consistency_psnr"]].mean()
-    lines = ["| task | method | steps | NFE | PSNR dB | SSIM | consistency dB |", "|---|---|---|---|---|---|---|"]
+    groups = df.groupby(["task", "method", "steps"], sort=False)
+    means = groups[["nfe", "psnr", "ssim", "consistency_psnr"]].mean().join(groups.image.agg(lambda s: ", ".join(s)))
+    lines = ["| task | method | steps | NFE | PSNR dB | SSIM | consistency dB | images |",
+             "|---|---|---|---|---|---|---|---|"]
     for (task, method, steps), r in means.iterrows():
         lines.append(f"| {task} | {method} | {steps or '-'} | {r.nfe:.0f} | {r.psnr:.2f} | {r.ssim:.4f} | "
-                     f"{r.consistency_psnr:.2f} |")
+                     f"{r.consistency_psnr:.2f} | {r.image} |")
     return "\n".join(lines)
 
 
@@ -90,9 +97,16 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
         for row, (metric, label) in enumerate([("psnr", "PSNR vs ground truth (dB)"),
                                                ("consistency_psnr", "consistency PSNR (dB)")]):
             ax = axes[row, col]
-            for method, style in (("gdp-x0", "o-"), ("gdp-xt", "s--")):
-                m = d[d.method == method].groupby("nfe")[metric].mean()
-                ax.plot(m.index, m.clip(upper=100).values, style, label=method)
+            for method, style, color in (("gdp-x0", "o-", "C0"), ("gdp-xt", "s--", "C1")):
+                g = d[d.method == method]
+                counts = g.groupby("nfe").image.nunique()
+                full = g[g.nfe.isin(counts[counts == counts.max()].index)].groupby("nfe")[metric].mean()
+                ax.plot(full.index, full.clip(upper=100).values, style, color=color, label=f"{method} ({counts.max()} images)")
+                few = sorted(set(g[g.nfe == g.nfe.max()].image))
+                if counts.min() < counts.max():  # the long-run image(s) alone, at every step count
+                    m = g[g.image.isin(few)].groupby("nfe")[metric].mean()
+                    ax.plot(m.index, m.clip(upper=100).values, style, color=color, linewidth=0.8, markersize=3,
+                            alpha=0.6, label=f"{method} ({', '.join(few)})")
             for method, value in d[d.steps.isna()].groupby("method")[metric].mean().items():
                 ax.axhline(min(value, 100), color="gray", linestyle=":", label=f"{method} (baseline)")
             ax.set_xscale("log")
@@ -113,6 +127,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--tasks", nargs="+", default=TASKS)
     ap.add_argument("--prior", default="default")
+    ap.add_argument("--long-steps", type=int, default=10 ** 9, help="from this step count on, only --long-images")
+    ap.add_argument("--long-images", nargs="*", default=[])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--data", type=Path, default=ROOT / "docs/data/quality_vs_steps.json")

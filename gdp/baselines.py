@@ -53,12 +53,12 @@ def richardson_lucy(case: EvalCase, iterations: int = RL_ITERATIONS, eps: float 
     """Richardson-Lucy deconvolution (Richardson 1972; Lucy 1974) with the true operator A:
     x <- x * A^T(y / A x) / A^T 1, from a flat 0.5 (as scikit-image); A^T 1 makes it exact at
     the borders of a 'valid' or padded convolution, where scikit-image assumes a zero outside."""
-    op, y = case.op, case.y.double()
+    op, y = case.op, case.y.float()  # float64 gives the same PSNR to 1e-5 dB, 7x slower on CPU
     norm = op.A_adjoint(torch.ones_like(y), x_shape=case.x_shape).clamp_min(eps)
     x = torch.full(case.x_shape, 0.5, dtype=y.dtype, device=y.device)
     for _ in range(iterations):
         x = x * op.A_adjoint(y / op.A(x).clamp_min(eps), x_shape=case.x_shape) / norm
-    return x.clamp(0, 1).float()
+    return x.clamp(0, 1)
 
 
 def biharmonic(case: EvalCase) -> torch.Tensor:
