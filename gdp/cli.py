@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_task_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=["sr", "deblur", "inpaint", "colorize"])
+    p.add_argument("--task", required=True, choices=["sr", "deblur", "inpaint", "colorize", "lowlight", "hdr"])
     p.add_argument("--factor", type=int, default=4, help="sr: downsampling factor (default 4)")
     p.add_argument("--filter", choices=["avgpool", "bicubic"], default="avgpool", help="sr: downsampling filter")
     p.add_argument("--sigma", type=float, help="deblur: Gaussian kernel sigma (default: the paper's 9x9 kernel)")
@@ -38,23 +38,51 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--box", help="inpaint: missing box X,Y,W,H")
 
 
-def operator_options(args: argparse.Namespace) -> dict:
+def _add_blind_options(p: argparse.ArgumentParser) -> None:
+    """Options of the blind tasks (lowlight, hdr, deblur --blind) for `gdp restore`."""
+    g = p.add_argument_group("blind tasks (parameters estimated during sampling)")
+    g.add_argument("--blind", action="store_true", help="deblur: estimate an unknown kernel of --kernel-size "
+                   "(default 15) jointly with the image")
+    g.add_argument("--kernel-lr", type=float, help="deblur --blind: Adam step on the kernel logits (default 0.05)")
+    g.add_argument("--grid", type=int, help="lowlight/hdr: the mask M has grid x grid control values (default 8)")
+    g.add_argument("--target-mean", type=float, help="lowlight/hdr: mean brightness the gains start from (default 0.45)")
+    g.add_argument("--lr-f", type=float, help="lowlight/hdr: gradient step on the gain f (default 0.1; the authors used 1)")
+    g.add_argument("--lr-mask", type=float, help="lowlight/hdr: step on M, per unit of residual (default 0.05)")
+    g.add_argument("--tv-weight", type=float, help="lowlight/hdr: weight of L_TV(M) in the parameter update (default 0)")
+    g.add_argument("--param-init", choices=["mean", "reference"], help="lowlight/hdr: gains from the observation's "
+                   "mean (default) or the authors' random init")
+    g.add_argument("--share-params", action="store_true", help="hdr: one (f, M) for all exposures, as the authors")
+    g.add_argument("--no-clip", dest="clip", action="store_false", help="hdr: model exposures without saturation")
+    g.add_argument("--exposure-weight", type=float, default=0.0, help="weight of the exposure loss L_exp on the image")
+    g.add_argument("--color-weight", type=float, help="weight of the colour-constancy loss L_col "
+                   "(default 500 for colorize, else 0)")
+    g.add_argument("--save-params", metavar="DIR", help="write the estimated masks / kernel as images into DIR")
+
+
+def operator_options(args: argparse.Namespace, task: str | None = None, exposures: int = 3) -> dict:
     """Keyword options of `make_operator` from the parsed task options."""
     from gdp.restore import operator_options as options
     fields = vars(args).copy()
+    fields["exposures"] = exposures
     if args.box:
         try:
             fields["box"] = tuple(int(v) for v in args.box.split(","))
             assert len(fields["box"]) == 4
         except (ValueError, AssertionError):
             raise UsageError(f"--box must be X,Y,W,H integers, got {args.box!r}") from None
-    return options(**fields)
+    fields.pop("task", None)
+    return options(task or args.task, **fields)
+
+
+def sidecar(observation_uri: str, suffix: str) -> str:
+    """OBS.png -> OBS<suffix>: where `gdp degrade` puts what it knows about an observation."""
+    stem = observation_uri.rsplit(".", 1)[0] if "." in observation_uri.rsplit("/", 1)[-1] else observation_uri
+    return stem + suffix
 
 
 def mask_uri(observation_uri: str) -> str:
     """Where `gdp degrade --task inpaint` puts the mask of an observation: OBS.mask.png."""
-    stem = observation_uri.rsplit(".", 1)[0] if "." in observation_uri.rsplit("/", 1)[-1] else observation_uri
-    return stem + ".mask.png"
+    return sidecar(observation_uri, ".mask.png")
 
 
 def add_restore_options(p: argparse.ArgumentParser) -> None:
@@ -113,12 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_options(d)
     d.add_argument("--noise", type=float, default=0.0, help="Gaussian noise sigma in [0, 1] units")
     d.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    d.add_argument("--gain", type=float, default=0.15, help="lowlight: light gain (default 0.15)")
+    d.add_argument("--gamma", type=float, default=1.0, help="lowlight: gamma applied before the gain")
+    d.add_argument("--gains", type=float, nargs="+", default=[0.25, 1.0, 4.0],
+                   help="hdr: one exposure per gain, written as OBS-1, OBS-2, ... (clipped at white)")
+    d.add_argument("--motion-kernel", type=int, metavar="SIZE",
+                   help="deblur: blur with a random motion-like kernel of SIZE (saved as OBS.kernel.npy)")
+    d.add_argument("--kernel-seed", type=int, default=0, help="deblur --motion-kernel: seed of the kernel")
 
-    r = sub.add_parser("restore", help="restore an observation with GDP")
-    r.add_argument("obs")
-    r.add_argument("out")
+    r = sub.add_parser("restore", help="restore an observation with GDP",
+                       usage="gdp restore OBS [OBS ...] OUT --task TASK [options]  (hdr: one OBS per exposure)")
+    r.add_argument("paths", nargs="+", metavar="OBS ... OUT")
     _add_task_options(r)
     add_restore_options(r)
+    _add_blind_options(r)
     r.add_argument("--paper-scale", action="store_true",
                    help="the authors' rules: their scale per task (sr 2000, deblur 6000, inpaint 4000, "
                         "colorize 6000) applied per step, on the mean over the observation")
@@ -140,17 +176,49 @@ def resolve_device(name: str):
     return to_device(name)
 
 
+def numbered(uri: str, k: int) -> str:
+    """OBS.png -> OBS-k.png (the k-th exposure written by `gdp degrade --task hdr`)."""
+    name = uri.rsplit("/", 1)[-1]
+    if "." in name:
+        stem, ext = uri.rsplit(".", 1)
+        return f"{stem}-{k}.{ext}"
+    return f"{uri}-{k}"
+
+
 def cmd_degrade(args: argparse.Namespace) -> dict:
+    import numpy as np
     import torch
     from gdp.io import read_image, write_image
-    from gdp.operators import degrade, make_operator
+    from gdp.operators import Deblur, degrade, exposure_bracket, low_light, make_operator, motion_kernel
     img = read_image(args.gt)
     x = img.pixels
+    gen = torch.Generator().manual_seed(args.seed)
+    keep = {"bit_depth": img.bit_depth, "icc_profile": img.icc_profile, "protect": args.gt}
     if args.task == "colorize" and x.shape[1] == 1:
         raise UsageError(f"{args.gt}: is already grayscale; colorize needs a colour ground truth")
+    if args.task == "lowlight":
+        y = low_light(x, gain=args.gain, gamma=args.gamma, noise=args.noise, generator=gen)
+        write_image(args.obs, y, **keep)
+        return {"task": args.task, "input": args.gt, "output": args.obs, "shape": list(y.shape[1:]),
+                "gain": args.gain, "gamma": args.gamma, "noise": args.noise}
+    if args.task == "hdr":
+        outputs = [numbered(args.obs, k + 1) for k in range(len(args.gains))]
+        for out, y in zip(outputs, exposure_bracket(x, tuple(args.gains), noise=args.noise, generator=gen)):
+            write_image(out, y, **keep)
+        return {"task": args.task, "input": args.gt, "outputs": outputs, "gains": args.gains, "noise": args.noise}
+    if args.task == "deblur" and args.motion_kernel:
+        kernel = motion_kernel(args.motion_kernel, args.kernel_seed)
+        op = Deblur(kernel=kernel, mode=args.blur_mode)
+        y = degrade(x, op, noise_sigma=args.noise, generator=gen)
+        write_image(args.obs, y, **keep)
+        import fsspec
+        with fsspec.open(sidecar(args.obs, ".kernel.npy"), "wb") as f:
+            np.save(f, kernel.numpy())
+        return {"task": args.task, "input": args.gt, "output": args.obs, "shape": list(y.shape[1:]),
+                "kernel": sidecar(args.obs, ".kernel.npy")}
     op = make_operator(args.task, **operator_options(args))
-    y = degrade(x, op, noise_sigma=args.noise, generator=torch.Generator().manual_seed(args.seed))
-    write_image(args.obs, y, bit_depth=img.bit_depth, icc_profile=img.icc_profile, protect=args.gt)
+    y = degrade(x, op, noise_sigma=args.noise, generator=gen)
+    write_image(args.obs, y, **keep)
     result = {"task": args.task, "input": args.gt, "output": args.obs, "shape": list(y.shape[1:])}
     if args.task == "inpaint":
         mask = op.mask_for(x.shape[-2], x.shape[-1])[0]
@@ -161,43 +229,97 @@ def cmd_degrade(args: argparse.Namespace) -> dict:
 
 def cmd_restore(args: argparse.Namespace) -> dict:
     import fsspec
+    import torch
     from gdp.io import read_image, same_location, write_image
     from gdp.operators import make_operator
     from gdp.prior.checkpoint import load_prior
     from gdp.progress import ProgressBar
     from gdp.restore import default_guidance, finish_output, prepare_observation, restore
 
+    if len(args.paths) < 2:
+        raise UsageError("gdp restore needs at least one observation and an output path")
+    inputs, out = args.paths[:-1], args.paths[-1]
+    task = "blind-deblur" if args.task == "deblur" and args.blind else args.task
+    if args.blind and args.task != "deblur":
+        raise UsageError("--blind applies to --task deblur only (lowlight and hdr are always blind)")
+    if task == "hdr" and len(inputs) < 2:
+        raise UsageError(f"--task hdr needs at least 2 exposures of one scene, got {len(inputs)} input")
+    if task != "hdr" and len(inputs) != 1:
+        raise UsageError(f"--task {args.task} takes one observation, got {len(inputs)}: {' '.join(inputs)}")
     if args.steps < 1 or args.samples < 1:
         raise UsageError("--steps and --samples must be >= 1")
-    if same_location(args.out, args.obs):
-        raise UsageError(f"{args.out}: refusing to overwrite the input; choose another output path")
-    options = operator_options(args)
-    if args.task == "inpaint" and not options:
-        mask = mask_uri(args.obs)
+    for obs in inputs:
+        if same_location(out, obs):
+            raise UsageError(f"{out}: refusing to overwrite the input; choose another output path")
+    options = operator_options(args, task, len(inputs))
+    if task == "inpaint" and not options:
+        mask = mask_uri(inputs[0])
         fs, path = fsspec.core.url_to_fs(mask)
         if not fs.exists(path):
-            raise UsageError(f"{args.obs}: inpaint needs a mask: --mask FILE, --mask-ratio R [--mask-seed S] "
+            raise UsageError(f"{inputs[0]}: inpaint needs a mask: --mask FILE, --mask-ratio R [--mask-seed S] "
                              f"or --box X,Y,W,H (no {mask} found)")
         options = {"mask_file": mask}
-    op = make_operator(args.task, **options)
-    img = read_image(args.obs)
-    y, gray_in = prepare_observation(img.pixels, args.task, op)
+    op = make_operator(task, **options)
+    images = [read_image(obs) for obs in inputs]
+    img = images[0]
+    if task == "hdr":
+        for other, uri in zip(images[1:], inputs[1:]):
+            if other.pixels.shape[-2:] != img.pixels.shape[-2:]:
+                h, w = img.pixels.shape[-2:]
+                raise UsageError(f"{uri}: exposure of {other.pixels.shape[-1]}x{other.pixels.shape[-2]} does not "
+                                 f"match {inputs[0]} ({w}x{h}); all exposures must show one scene at one size")
+        y = torch.cat([im.pixels.expand(-1, 3, -1, -1) for im in images], dim=1)
+        gray_in = all(im.pixels.shape[1] == 1 for im in images)
+    else:
+        y, gray_in = prepare_observation(img.pixels, task, op)
     prior = load_prior(args.prior, preset=args.preset, device=resolve_device(args.device))
     rule = "paper" if args.paper_scale else None
-    guidance = default_guidance(args.task, scale=args.scale, mode=args.guidance,
+    guidance = default_guidance(task, scale=args.scale, mode=args.guidance, color_weight=args.color_weight,
+                                exposure_weight=args.exposure_weight,
                                 **({"step_rule": rule, "size_rule": rule} if rule else {}))
     bar = ProgressBar(args.steps * args.samples, "restore")
-    result = restore(y, args.task, prior, operator=op, steps=args.steps, seed=args.seed, guidance=guidance,
+    result = restore(y, task, prior, operator=op, steps=args.steps, seed=args.seed, guidance=guidance,
                      samples=args.samples, tiling=args.tiling, patch=args.patch, stride=args.stride,
                      batch_size=args.batch_size, blend=args.blend, callback=bar)
-    image = finish_output(result.image, args.task, gray_in)
-    write_image(args.out, image.cpu(), bit_depth=img.bit_depth, icc_profile=img.icc_profile, exif=img.exif,
-                protect=args.obs)
-    return {"task": args.task, "input": args.obs, "output": args.out, "width": image.shape[-1],
-            "height": image.shape[-2], "steps": args.steps, "samples": args.samples, "nfe": result.nfe,
-            "seconds": round(result.seconds, 3), "consistency_psnr": round(float(result.consistency_psnr[0]), 3),
-            "tiling": result.tiling, "prior": prior.prior_id, "seed": args.seed, "device": str(prior.device),
-            "guidance": args.guidance, "scale": guidance.scale, "notes": list(img.notes)}
+    image = finish_output(result.image, task, gray_in)
+    write_image(out, image.cpu(), bit_depth=img.bit_depth, icc_profile=img.icc_profile, exif=img.exif,
+                protect=inputs[0])
+    report = {"task": task, "input": inputs[0] if len(inputs) == 1 else inputs, "output": out,
+              "width": image.shape[-1], "height": image.shape[-2], "steps": args.steps, "samples": args.samples,
+              "nfe": result.nfe, "seconds": round(result.seconds, 3),
+              "consistency_psnr": round(float(result.consistency_psnr[0]), 3), "tiling": result.tiling,
+              "prior": prior.prior_id, "seed": args.seed, "device": str(prior.device), "guidance": args.guidance,
+              "scale": guidance.scale, "notes": list(img.notes)}
+    if result.params:
+        report["estimated"] = result.params["per_image"][0]
+        if args.save_params:
+            report["saved_params"] = save_params(op, args.save_params, image.shape[-2], image.shape[-1])
+    return report
+
+
+def save_params(op, folder: str, height: int, width: int) -> list[str]:
+    """Write the estimated parameters of image 0 as images into `folder`: the masks M (lowlight,
+    hdr; 16-bit PNG of M clipped to [0, 1]) or the kernel (blind deblur; PNG scaled to its peak,
+    and the exact values as .npy)."""
+    import fsspec
+    import numpy as np
+    from gdp.io import write_image
+    fs, root = fsspec.core.url_to_fs(folder)
+    fs.makedirs(root, exist_ok=True)
+    sep = "" if folder.endswith("/") else "/"
+    written = []
+    if hasattr(op, "kernels"):
+        k = op.kernels()[0].detach().cpu()
+        write_image(f"{folder}{sep}kernel.png", (k / k.max())[None, None].float())
+        with fsspec.open(f"{folder}{sep}kernel.npy", "wb") as f:
+            np.save(f, k.double().numpy())
+        return [f"{folder}{sep}kernel.png", f"{folder}{sep}kernel.npy"]
+    masks = op.mask_image(height, width)[0].detach().cpu()
+    for k, m in enumerate(masks):
+        uri = f"{folder}{sep}mask-{k + 1}.png" if len(masks) > 1 else f"{folder}{sep}mask.png"
+        write_image(uri, m.clamp(0, 1)[None, None].float(), bit_depth=16)
+        written.append(uri)
+    return written
 
 
 def cmd_train(args: argparse.Namespace) -> dict:

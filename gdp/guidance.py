@@ -22,13 +22,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 # The paper's default scales (GDP_REFERENCE sec. 2.5), quoted at 1000 steps.
-PAPER_SCALES = {"sr": 2000.0, "deblur": 6000.0, "inpaint": 4000.0, "colorize": 6000.0}
+PAPER_SCALES = {"sr": 2000.0, "deblur": 6000.0, "inpaint": 4000.0, "colorize": 6000.0,
+                "lowlight": 80000.0, "hdr": 80000.0, "blind-deblur": 6000.0}
 # Our defaults, measured with the shipped 64-px prior on held-out photos (docs/BENCHMARKS.md):
 # a small prior needs a firmer pull towards the observation than ImageNet ADM (SR x4 at 50 steps:
 # 25.82 dB at 2000, 27.55 dB at 16000; deblur 26.03 -> 26.32 dB at 48000; inpaint 34.99 -> 37.10 dB).
-DEFAULT_SCALES = {"sr": 16000.0, "deblur": 48000.0, "inpaint": 48000.0, "colorize": 6000.0}
+DEFAULT_SCALES = {"sr": 16000.0, "deblur": 48000.0, "inpaint": 48000.0, "colorize": 6000.0,
+                  "lowlight": 80000.0, "hdr": 80000.0, "blind-deblur": 48000.0}
 PAPER_COLOR_WEIGHT = 500.0
 REFERENCE_SIZE = 256
 REFERENCE_STEPS = 1000
@@ -41,6 +44,7 @@ class Guidance:
     scale: float = 2000.0  # s, quoted at 1000 steps and a 256x256 image
     mode: Literal["x0", "xt"] = "x0"  # gradient w.r.t. x0_hat (GDP-x0) or x_t (GDP-xt)
     color_weight: float = 0.0  # weight of the colour-constancy loss L_col (colorization: 500)
+    exposure_weight: float = 0.0  # weight of the exposure-control loss L_exp (low light, HDR: optional)
     step_rule: Literal["constant-total", "paper"] = "constant-total"
     size_rule: Literal["per-pixel", "paper"] = "per-pixel"
     max_correction: float | None = 1.0  # cap on the per-step pull (fraction of a full correction)
@@ -90,15 +94,34 @@ def color_constancy(z: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(d_rg ** 2 + d_rb ** 2 + d_gb ** 2 + 1e-12)
 
 
+def exposure_control(z: torch.Tensor, patch: int = 8, level: float = 0.3) -> torch.Tensor:
+    """Zero-DCE exposure loss per image `[B]` as in the reference (sec. 3.7): the gray mean of
+    `patch` x `patch` blocks against `level`, on z in [-1, 1] (0.3 there is 0.65 in [0, 1])."""
+    pooled = F.avg_pool2d(z.mean(dim=1, keepdim=True), patch, ceil_mode=True)
+    return (pooled - level).square().flatten(1).mean(dim=1)
+
+
+def blind_part(operator):
+    """The blind operator inside `operator` (through wrappers holding it as `.inner`), or None."""
+    while operator is not None:
+        if getattr(operator, "blind", False):
+            return operator
+        operator = getattr(operator, "inner", None)
+    return None
+
+
 def normaliser(operator, y: torch.Tensor, x_shape: tuple[int, ...], size_rule: str) -> int:
-    """N of the data loss: observation elements per image at 256x256 (per-pixel) or actual (paper)."""
+    """N of the data loss: observation elements per image at 256x256 (per-pixel) or actual (paper).
+    With several guiding observations stacked in y (HDR), N is that of one: the image receives the
+    sum of their guidances."""
+    guides = getattr(blind_part(operator), "guides", 1)
     if size_rule == "paper":
-        return y[0].numel()
+        return y[0].numel() // guides
     c = x_shape[1]
     try:
-        return int(torch.Size(operator.y_shape((1, c, REFERENCE_SIZE, REFERENCE_SIZE))).numel())
+        return int(torch.Size(operator.y_shape((1, c, REFERENCE_SIZE, REFERENCE_SIZE))).numel()) // guides
     except ValueError:  # bound to one size (an explicit inpainting mask): a same-size operator
-        return y.shape[1] * REFERENCE_SIZE * REFERENCE_SIZE
+        return y.shape[1] * REFERENCE_SIZE * REFERENCE_SIZE // guides
 
 
 def residual_sq(operator, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -107,14 +130,30 @@ def residual_sq(operator, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return r.square().flatten(1).sum(dim=1)
 
 
-def guidance_gradient(operator, z: torch.Tensor, y: torch.Tensor, scale: float, n: int,
-                      color_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g = -dL/dz, per-image mean squared residual `[B]`); autograd on a detached leaf copy of z."""
+def guidance_gradient(operator, z: torch.Tensor, y: torch.Tensor, scale: float | torch.Tensor, n: int,
+                      color_weight: float = 0.0, exposure_weight: float = 0.0,
+                      blind=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(g = -dL/dz, per-image mean squared residual `[B]`, gradients of the blind operator's
+    parameters); autograd on detached leaf copies of z (and of the parameters). `scale`: a float
+    or one value per image `[B]`. The parameters' loss is the blind operator's own (`param_loss`
+    of the unscaled residual plus `penalty`), at the same z and the same (pre-step) parameters."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
+        params = {}
+        if blind is not None:
+            params = {k: v.detach().requires_grad_(True) for k, v in blind.params.items()}
+            blind.bind(params)
         sq = residual_sq(operator, z, y)
         loss = scale * sq / n
         if color_weight:
             loss = loss + color_weight * color_constancy(z)
-        (grad,) = torch.autograd.grad(loss.sum(), z)
-    return -grad, sq.detach() / y[0].numel()
+        if exposure_weight:
+            loss = loss + exposure_weight * exposure_control(z)
+        (grad,) = torch.autograd.grad(loss.sum(), z, retain_graph=blind is not None)
+        param_grads = {}
+        if blind is not None:
+            param_loss = blind.param_loss(sq, y) + blind.penalty(params)
+            grads = torch.autograd.grad(param_loss.sum(), list(params.values()), allow_unused=True)
+            param_grads = {k: torch.zeros_like(v) if gk is None else gk for (k, v), gk in zip(params.items(), grads)}
+            blind.bind({k: v.detach() for k, v in params.items()})
+    return -grad, sq.detach() / y[0].numel(), param_grads

@@ -57,11 +57,21 @@ class Upsampled(torch.nn.Module):
         self.inner, self.scale, self.height, self.width = inner, scale, height, width
 
     def A(self, x: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        return self.inner.A(up[..., :self.height, :self.width])
+        return self.inner.A(self.upsample(x))
 
     def y_shape(self, x_shape: tuple) -> tuple:
         return self.inner.y_shape(x_shape)
+
+    def upsample(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)[..., :self.height, :self.width]
+
+    def norm_factor(self, x_shape: tuple, device) -> float:
+        """||up_s||^2 (for the per-step cap of a blind operator inside, gdp.sampling.wrapper_norm_sq)."""
+        from gdp.guidance import operator_norm_sq
+
+        class Up:
+            A = self.upsample
+        return operator_norm_sq(Up(), (1, *x_shape[1:]), device)
 
 
 class Masked(torch.nn.Module):
@@ -104,7 +114,10 @@ class WithCoarse(torch.nn.Module):
 
 
 def localize(op: Operator, y: torch.Tensor, windows: list[Window]) -> tuple[torch.nn.Module, torch.Tensor]:
-    """(operator on a batch of windows, their observations `[N, ...]`): exact restrictions of A."""
+    """(operator on a batch of windows, their observations `[N, ...]`): exact restrictions of A.
+    A blind operator is restricted with the parameters it holds (estimated by the global pass)."""
+    if getattr(op, "blind", False):
+        return op.localize(y, windows)
     if isinstance(op, SuperResolution):
         f = op.factor
         crops = [y[0, :, w.top // f:w.bottom // f, w.left // f:w.right // f] for w in windows]

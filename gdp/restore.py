@@ -19,6 +19,7 @@ from gdp.prior.checkpoint import Prior
 from gdp.sampling import Callback, FusedDenoiser, gdp_sample
 
 LINEAR_TASKS = ("sr", "deblur", "inpaint", "colorize")
+BLIND_TASKS = ("lowlight", "hdr", "blind-deblur")
 
 
 @dataclass(frozen=True)
@@ -34,26 +35,32 @@ class Restoration:
 
 
 def default_guidance(task: str, *, scale: float | None = None, mode: Literal["x0", "xt"] = "x0",
-                     step_rule: str = "constant-total", size_rule: str = "per-pixel") -> Guidance:
+                     step_rule: str = "constant-total", size_rule: str = "per-pixel",
+                     color_weight: float | None = None, exposure_weight: float = 0.0) -> Guidance:
     """Guidance for `task`: our measured default scale (or the paper's with the paper rules), the
     paper's colour-constancy term for colorize; everything overridable."""
     if task not in PAPER_SCALES:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(PAPER_SCALES)}")
     if scale is None:
         scale = PAPER_SCALES[task] if step_rule == "paper" else DEFAULT_SCALES[task]
-    return Guidance(scale=scale, mode=mode,
-                    color_weight=PAPER_COLOR_WEIGHT if task == "colorize" else 0.0,
+    if color_weight is None:
+        color_weight = PAPER_COLOR_WEIGHT if task == "colorize" else 0.0
+    return Guidance(scale=scale, mode=mode, color_weight=color_weight, exposure_weight=exposure_weight,
                     step_rule=step_rule, size_rule=size_rule)
 
 
 def operator_options(task: str, *, factor: int = 4, filter: str = "avgpool", sigma: float | None = None,
                      kernel_size: int | None = None, kernel_file: str | None = None, blur_mode: str = "same",
                      mask: str | None = None, mask_ratio: float | None = None, mask_seed: int = 0,
-                     box: Sequence[int] | None = None, **_ignored) -> dict:
+                     box: Sequence[int] | None = None, exposures: int = 3, grid: int | None = None,
+                     target_mean: float | None = None, share_params: bool = False, clip: bool = True,
+                     lr_f: float | None = None, lr_mask: float | None = None, tv_weight: float | None = None,
+                     param_init: str | None = None, kernel_lr: float | None = None, **_ignored) -> dict:
     """`make_operator` keywords from the flat task options shared by the CLI and the flows.
 
     inpaint takes the first of: a mask file (`mask`, not "sidecar"), a random ratio, a box; with
     none of them the caller supplies the mask (the CLI and the pipeline look for IMAGE.mask.png).
+    Blind tasks: options left at None keep the operator's documented defaults.
     """
     if task == "sr":
         return {"factor": factor, "filter": filter}
@@ -70,6 +77,14 @@ def operator_options(task: str, *, factor: int = 4, filter: str = "avgpool", sig
             return {"ratio": mask_ratio, "seed": mask_seed}
         if box is not None:
             return {"box": tuple(int(v) for v in box)}
+    if task in ("lowlight", "hdr"):
+        options = {"grid": grid, "target_mean": target_mean, "lr_f": lr_f, "lr_mask": lr_mask,
+                   "tv_weight": tv_weight, "init": param_init}
+        if task == "hdr":
+            options.update(exposures=exposures, share=share_params, clip=clip)
+        return {k: v for k, v in options.items() if v is not None}
+    if task == "blind-deblur":
+        return {k: v for k, v in {"kernel_size": kernel_size or 15, "lr": kernel_lr}.items() if v is not None}
     return {}
 
 
@@ -159,14 +174,21 @@ def restore(y: torch.Tensor, task: str, prior: Prior, *, operator: Operator | No
     if plan["mode"] == "hierarchical":
         if canvas[2:] != (height, width):
             raise ValueError(f"hierarchical tiling needs an image of at least one patch, got {height}x{width}")
-        runs = [_hierarchical(y[k:k + 1], op, prior, seeds[k], steps, guidance, samples, batch_size, patch, stride,
-                              align, blend) for k in range(b)]
+        runs, params = [], []
+        for k in range(b):
+            runs.append(_hierarchical(y[k:k + 1], op, prior, seeds[k], steps, guidance, samples, batch_size, patch,
+                                      stride, align, blend))
+            params.append(op.params if getattr(op, "blind", False) else None)
         image, nfe = torch.cat([r[0] for r in runs]), runs[0][1]
+        if getattr(op, "blind", False):  # every image's estimate, for the consistency check and the report
+            op.bind({name: torch.cat([p[name] for p in params]) for name in params[0]})
     else:
         image, nfe = _fused_or_single(y, op, prior, plan, canvas, seeds, steps, guidance, samples, batch_size,
                                       blend, callback)
     image = image[..., :height, :width]
-    return Restoration(image, task, steps, nfe, time.perf_counter() - t0, consistency_psnr(op, image, y), plan)
+    estimated = {"per_image": op.describe()} if getattr(op, "blind", False) else {}
+    return Restoration(image, task, steps, nfe, time.perf_counter() - t0, consistency_psnr(op, image, y), plan,
+                       estimated)
 
 
 def _fused_or_single(y, op, prior, plan, canvas, seeds, steps, guidance, samples, batch_size, blend, callback):
@@ -197,11 +219,14 @@ def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patc
     from gdp.tiling import StreamingMerger
     height, width = op.x_shape(tuple(y.shape))[-2:]
     plan = plan_hierarchical(height, width, patch or prior.image_size, stride, align)
-    local_norm = window_norm_sq(op, y, plan, prior.spec.unet.in_channels)
+    blind = getattr(op, "blind", False)  # its windows' norm depends on the global pass's estimate
+    local_norm = None if blind else window_norm_sq(op, y, plan, prior.spec.unet.in_channels)
     total, nfe = 0, 0
     for k in range(samples):
         sample_seed = seed + 1_000_003 * k
         coarse, n = global_pass(y, op, prior, plan, steps, sample_seed, guidance, batch_size)
+        if blind:
+            local_norm = window_norm_sq(op, y, plan, prior.spec.unet.in_channels)
         merger = StreamingMerger(height, width, prior.spec.unet.in_channels, plan.patch, plan.stride, blend,
                                  device=y.device)
         for start in range(0, len(plan.windows), batch_size):

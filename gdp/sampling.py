@@ -69,23 +69,40 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
     y: observation `[B, ...]` in [0, 1] (what `operator.A` returns); x_shape: `[B, C, H, W]` of the
     image to restore (default `operator.x_shape(y.shape)`); one generator per image; norm_sq:
     ||A||^2 for the per-step cap when the caller knows it (else found by power iteration).
+
+    Blind operators (gdp.operators.blind), also inside wrappers: their parameters are initialised
+    per image from y, take one update per step at the same x0_hat and pre-step parameters as the
+    image guidance, and are returned in `GDPResult.params`; the cap is then per image.
     """
-    from gdp.guidance import guidance_gradient, normaliser, operator_norm_sq
+    from gdp.guidance import blind_part, guidance_gradient, normaliser, operator_norm_sq
 
     t0 = time.perf_counter()
     x_shape = tuple(x_shape or operator.x_shape(tuple(y.shape)))
     chain = denoiser.chain(steps)
     n = normaliser(operator, y, x_shape, guidance.size_rule)
-    scale = guidance.step_scale(len(chain))
-    if guidance.max_correction:  # never overshoot the observation in one step (gdp.guidance)
+    step_scale = guidance.step_scale(len(chain))
+    blind = blind_part(operator)
+    updater = None
+    if blind is not None:
+        blind.bind(blind.init_params(y, x_shape))
+        updater = ParamUpdater(blind)
+        wrapper_norm = wrapper_norm_sq(operator, x_shape, y.device)
+    scale = step_scale
+    if guidance.max_correction and blind is None:  # never overshoot the observation in one step (gdp.guidance)
         norm_sq = norm_sq or operator_norm_sq(operator, x_shape, y.device)
-        scale = min(scale, guidance.max_correction * 2 * n / norm_sq)
+        scale = min(step_scale, guidance.max_correction * 2 * n / norm_sq)
     x = randn_per_image(x_shape[1:], generators, y.device)  # 1. x_T ~ N(0, I)
     nfe = getattr(denoiser, "nfe_per_call", 1)
     for k, i in enumerate(reversed(range(len(chain)))):
         out = denoiser.predict(x, i, chain)  # 2. eps, x0_hat, mu, Sigma from the prior
         z = out.x0_hat if guidance.mode == "x0" else x
-        g, _ = guidance_gradient(operator, z, y, scale, n, guidance.color_weight)  # 3. g = -grad L
+        if blind is not None and guidance.max_correction:  # per image: ||A_phi||^2 changes with phi
+            bound = guidance.max_correction * 2 * n / (wrapper_norm * blind.norm_sq(blind.params)).clamp_min(1e-12)
+            scale = bound.clamp(max=step_scale)
+        g, _, grads = guidance_gradient(operator, z, y, scale, n, guidance.color_weight,  # 3. g = -grad L
+                                        guidance.exposure_weight, blind)
+        if updater is not None:  # 3b. one step on the degradation's parameters
+            updater.step(grads)
         x = out.mean + g  # 4. mu~ = mu + g (no Sigma)
         if i > 0:  # 5. x_{t-1} = mu~ + sigma z  (no noise at the last step)
             x = x + torch.exp(0.5 * out.log_variance) * randn_per_image(x_shape[1:], generators, x.device)
@@ -94,7 +111,44 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
     x = x.clamp(-1, 1)
     with torch.no_grad():
         mse = (operator.A((x + 1) / 2) - y).square().flatten(1).mean(dim=1)
-    return GDPResult(x, mse, nfe * len(chain), time.perf_counter() - t0)
+    params = {k: v.detach() for k, v in blind.params.items()} if blind is not None else {}
+    return GDPResult(x, mse, nfe * len(chain), time.perf_counter() - t0, params)
+
+
+class ParamUpdater:
+    """One update of a blind operator's parameters per call: plain gradient descent, or Adam for
+    the names in `operator.adam` (element-wise moments: each image keeps its own state)."""
+
+    def __init__(self, operator, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.op, self.betas, self.eps, self.t = operator, betas, eps, 0
+        self.moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, torch.Tensor]) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        new = {}
+        for name, value in self.op.params.items():
+            g, lr = grads[name], self.op.lr.get(name, 0.0)
+            if name in self.op.adam:
+                m, v = self.moments.get(name, (torch.zeros_like(g), torch.zeros_like(g)))
+                m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g.square()
+                self.moments[name] = (m, v)
+                g = (m / (1 - b1 ** self.t)) / ((v / (1 - b2 ** self.t)).sqrt() + self.eps)
+            new[name] = value - lr * g
+        self.op.bind(self.op.project(new))
+
+
+def wrapper_norm_sq(operator, x_shape: Sequence[int], device) -> float:
+    """||W||^2 of the wrappers around a blind operator (e.g. the global pass's upsampling): the
+    product of their `norm_factor(x_shape)`; 1 for none. Independent of the parameters."""
+    from gdp.guidance import blind_part
+    blind, factor = blind_part(operator), 1.0
+    while operator is not blind:
+        if hasattr(operator, "norm_factor"):
+            factor *= operator.norm_factor(tuple(x_shape), device)
+        operator = operator.inner
+    return factor
 
 
 class FusedDenoiser:

@@ -85,8 +85,11 @@ def _invertible_shape(op: Operator, x: torch.Tensor) -> bool:
 
 
 def test_battery_covers_every_registered_operator():
-    assert {make().name for make, _ in CASES.values()} == set(OPERATORS)
-    assert all(issubclass(cls, Operator) and cls.linear for cls in OPERATORS.values())
+    """Every linear operator is in this battery; the blind ones are tested in test_blind.py."""
+    linear = {name for name, cls in OPERATORS.items() if cls.linear}
+    assert {make().name for make, _ in CASES.values()} == linear
+    assert set(OPERATORS) - linear == {"lowlight", "hdr", "blind-deblur"}
+    assert all(issubclass(cls, Operator) and getattr(cls, "blind", False) != cls.linear for cls in OPERATORS.values())
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -235,7 +238,7 @@ def test_degrade_clamps_overshoot():
 @pytest.mark.parametrize(
     ("task", "options", "message"),
     [
-        ("denoise", {}, "unknown task 'denoise'; choose one of: colorize, deblur, inpaint, sr"),
+        ("denoise", {}, "unknown task 'denoise'; choose one of: blind-deblur, colorize, deblur, hdr, inpaint, lowlight, sr"),
         ("sr", {"factr": 2}, "unknown option"),
         ("sr", {"filter": "bilinear"}, "avgpool"),
         ("sr", {"factor": 2.5}, "integer"),

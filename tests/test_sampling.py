@@ -354,11 +354,11 @@ def test_guidance_gradient_with_colour_term_matches_autograd_free_formula():
     op = make_operator("colorize")
     z = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(3)) * 2 - 1
     y = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(4))
-    g, mse = guidance_gradient(op, z, y, scale=50.0, n=16)
+    g, mse, _ = guidance_gradient(op, z, y, scale=50.0, n=16)
     r = ((z + 1) / 2).mean(1, keepdim=True) - y
     assert torch.allclose(g, -(50.0 / 16) * r.expand(-1, 3, -1, -1) / 3, atol=1e-6)
     assert mse.item() == pytest.approx(r.square().mean().item(), rel=1e-6)
-    g_col, _ = guidance_gradient(op, z, y, scale=0.0, n=16, color_weight=1.0)
+    g_col, _, _ = guidance_gradient(op, z, y, scale=0.0, n=16, color_weight=1.0)
     h = 1e-3
     bump = torch.zeros_like(z, dtype=torch.float64)
     bump[0, 0, 1, 2] = h
