@@ -26,7 +26,7 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
-from prefect.exceptions import ParameterTypeError, SignatureMismatchError
+from prefect.exceptions import ObjectNotFound, ParameterTypeError, SignatureMismatchError
 from prefect.futures import as_completed, wait
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
@@ -406,8 +406,12 @@ def _restore_in_child_runs(todo: list[col.ImageJob], shards: int, collection: di
 
 
 def _start_child(collection: dict, group: list[col.ImageJob], k: int):
-    child = run_deployment(SHARD_DEPLOYMENT, timeout=0, parameters={
-        "collection": collection, "inputs": [job.source_uri for job in group], "shard": k})
+    try:
+        child = run_deployment(SHARD_DEPLOYMENT, timeout=0, parameters={
+            "collection": collection, "inputs": [job.source_uri for job in group], "shard": k})
+    except ObjectNotFound:
+        raise ValueError(f"shards > 1 needs the deployment {SHARD_DEPLOYMENT} on this Prefect server "
+                         "(bash deployments/setup.sh) and workers on its queue") from None
     return child.id
 
 

@@ -247,6 +247,24 @@ def test_dask_local_cluster(stack, photo_collection, tiny_prior_file, tmp_path):
     assert str(flow_run(run_id).infrastructure_pid) not in {str(p) for p in processes}
 
 
+def test_scale_out_parameters_fail_in_one_line():
+    """Bad combinations and a bad `collection` for restore-shard: one-line ValueErrors that say what to do."""
+    from flows.restore_collection import _check_scale_out, _collection_parameters
+    with pytest.raises(ValueError, match=r"^shards > 1 runs child runs .* choose one"):
+        _check_scale_out(2, "dask", None)
+    with pytest.raises(ValueError, match=r"^dask_address is used only with task_runner='dask'$"):
+        _check_scale_out(1, "thread", "tcp://scheduler:8786")
+    _check_scale_out(4, "thread", None)
+    _check_scale_out(1, "dask", "tcp://scheduler:8786")
+    with pytest.raises(ValueError) as bad:
+        _collection_parameters({"input_uri": "/in", "output_uri": "/out", "steps": 0})
+    assert str(bad.value).startswith("collection: ") and "steps" in str(bad.value) and "\n" not in str(bad.value)
+    with pytest.raises(ValueError, match=r"^collection: .*unknown_key"):
+        _collection_parameters({"input_uri": "/in", "output_uri": "/out", "unknown_key": 1})
+    full = _collection_parameters({"input_uri": "/in", "output_uri": "/out", "options": {"factor": 2}})
+    assert (full["options"].factor, full["steps"], full["shards"], full["devices"]) == (2, 100, 1, ["auto"])
+
+
 def _shard_done_lines(run_id, expected: int) -> list[tuple[int, int]] | None:
     import re
 
