@@ -232,6 +232,7 @@ class ImageResult:
     tiling: dict = field(default_factory=dict)
     error: str = ""
     parts: tuple[str, ...] = ()  # hierarchical: work files of window batches, merged by `assemble`
+    estimated: str = "{}"  # blind tasks: the estimated degradation parameters (JSON)
 
 
 def restore_shard(jobs: list[ImageJob], settings: Settings, work_root: str, device: str = "auto",
@@ -271,14 +272,16 @@ def _restore_one(job: ImageJob, settings: Settings, prior, work_root: str) -> Im
     img = read_image(job.source_uri, **settings.storage_options)
     op = _operator_for(job, settings)
     y, gray = prepare_observation(img.pixels, settings.task, op)
-    guidance = default_guidance(settings.task, scale=settings.scale, mode=settings.guidance)
+    guidance = _guidance(settings)
     result = restore(y, settings.task, prior, operator=op, steps=settings.steps, seed=[settings.seed],
                      guidance=guidance, samples=settings.samples, tiling=settings.tiling, patch=settings.patch,
                      stride=settings.stride, batch_size=settings.batch_size, blend=settings.blend)
     work_uri = join_uri(work_root, hashlib.sha1(job.relpath.encode()).hexdigest()[:16] + ".safetensors")
     _save_tile(work_uri, result.image[0].cpu(), {"gray": str(gray), "bit_depth": str(img.bit_depth)},
                settings.storage_options)
-    return ImageResult(job, work_uri, result.nfe, result.seconds, float(result.consistency_psnr[0]), result.tiling)
+    estimated = json.dumps(result.params["per_image"][0]) if result.params else "{}"
+    return ImageResult(job, work_uri, result.nfe, result.seconds, float(result.consistency_psnr[0]), result.tiling,
+                       estimated=estimated)
 
 
 def _save_tile(uri: str, pixels: torch.Tensor, meta: dict, storage_options: dict) -> None:
@@ -345,8 +348,18 @@ def coarse_pass(job: ImageJob, settings: Settings, work_root: str, device: str =
                                   settings.batch_size)
     uri = join_uri(work_root, image_key(job) + ".coarse.safetensors")
     seconds = time.perf_counter() - t0
-    _save_tile(uri, coarse[0].cpu(), {}, settings.storage_options)
+    meta = {}
+    if getattr(op, "blind", False):  # the global pass's estimate, used fixed by every window (exact in JSON)
+        meta = {"params": json.dumps({k: v.cpu().tolist() for k, v in op.params.items()}),
+                "estimated": json.dumps(op.describe()[0])}
+    _save_tile(uri, coarse[0].cpu(), meta, settings.storage_options)
     return uri, nfe, seconds
+
+
+def bind_estimate(op, meta: dict) -> None:
+    """Give a blind operator the parameters that the coarse pass estimated (saved in its tile)."""
+    if getattr(op, "blind", False):
+        op.bind({k: torch.tensor(v) for k, v in json.loads(meta["params"]).items()})
 
 
 def window_batches(jobs: list[ImageJob], shard_patches: int) -> list[list[WindowBatch]]:
@@ -378,7 +391,8 @@ def restore_window_batches(batches: list[WindowBatch], settings: Settings, work_
         job = batch.job
         _, op, y, _ = _observation(job, settings)
         plan = _hierarchical_plan(job, settings, prior.image_size, op)
-        coarse, _ = _load_tile(join_uri(work_root, image_key(job) + ".coarse.safetensors"), settings.storage_options)
+        coarse, meta = _load_tile(join_uri(work_root, image_key(job) + ".coarse.safetensors"), settings.storage_options)
+        bind_estimate(op, meta)
         with device_lock(device):
             t0 = time.perf_counter()
             patches, nfe = restore_windows(y.to(device), op, prior, plan, coarse[None].to(device), list(batch.indices),
@@ -418,10 +432,15 @@ def assemble(result: ImageResult, settings: Settings, prior_id: str, config_hash
     row = manifest_row(job, settings, prior_id, config_hash, run_id)
     if result.error:
         return {**row, "status": "failed", "error": result.error}
-    consistency = result.consistency_psnr
+    consistency, estimated = result.consistency_psnr, result.estimated
     if result.parts:  # hierarchical: merge the window batches, score consistency against y here
         from gdp.metrics import consistency_psnr
         src, op, y, gray = _observation(job, settings)
+        if getattr(op, "blind", False):
+            _, meta = _load_tile(posixpath.join(posixpath.dirname(result.parts[0]), image_key(job) + ".coarse.safetensors"),
+                                 settings.storage_options)
+            bind_estimate(op, meta)
+            estimated = meta["estimated"]
         pixels = merge_parts(job, result.parts, settings, op)
         consistency = float(consistency_psnr(op, pixels, y)[0])
         image = finish_output(pixels, settings.task, gray)
@@ -431,7 +450,7 @@ def assemble(result: ImageResult, settings: Settings, prior_id: str, config_hash
         src = read_image(job.source_uri, **settings.storage_options)  # ICC/EXIF to carry over
     write_image(job.output_uri, image, bit_depth=src.bit_depth, icc_profile=src.icc_profile, exif=src.exif,
                 protect=job.source_uri, **settings.storage_options)
-    row.update(status="ok", nfe=result.nfe, seconds=round(result.seconds, 3),
+    row.update(status="ok", nfe=result.nfe, seconds=round(result.seconds, 3), estimated_params_json=estimated,
                consistency_psnr=consistency, n_patches=result.tiling.get("n_patches", job.n_patches))
     if reference_uri:
         ref = read_image(join_uri(reference_uri, job.relpath), **settings.storage_options).pixels

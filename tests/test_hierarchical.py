@@ -113,3 +113,32 @@ def test_pipeline_pieces_reproduce_restore(tiny_prior_file, tmp_path):
     assert row["status"] == "ok" and row["nfe"] == expected.nfe
     assert (written - expected.image).abs().max() <= 1 / 255 + 1e-6  # equal up to 8-bit quantisation
     assert list((tmp_path / "work").iterdir()) == []  # windows and the coarse result cleaned up
+
+
+@pytest.mark.parametrize("task,options", [("lowlight", {}), ("blind-deblur", {"kernel_size": 5})])
+def test_pipeline_pieces_carry_the_blind_estimate(tiny_prior_file, tmp_path, task, options):
+    """Blind tasks: the coarse pass's estimate travels with its tile to every window batch (another
+    process in the flow) and into the manifest row; the result equals restore(tiling=hierarchical)."""
+    import json
+
+    from gdp import collection as col
+    from gdp.io import read_image, write_image
+    from gdp.prior.checkpoint import load_prior
+    torch.manual_seed(5)
+    write_image(str(tmp_path / "in" / "a.png"), torch.rand(1, 3, 72, 80) * 0.3)
+    settings = col.Settings(task=task, options=options, prior=str(tiny_prior_file), steps=3, seed=2,
+                            tiling="hierarchical")
+    job = col.plan_image(str(tmp_path / "in" / "a.png"), str(tmp_path / "in"), str(tmp_path / "out"), settings, 32)
+    work = str(tmp_path / "work")
+    _, coarse_nfe, _ = col.coarse_pass(job, settings, work, "cpu")
+    shards = col.window_batches([job], shard_patches=4)
+    outs = [o for shard in shards for o in col.restore_window_batches(shard, settings, work, "cpu")]
+    result = col.ImageResult(job, nfe=coarse_nfe + sum(o[2] for o in outs), parts=tuple(o[1] for o in outs),
+                             tiling={"mode": "hierarchical", "n_patches": job.n_patches})
+    row = col.assemble(result, settings, "tiny", "hash", "run")
+    op = make_operator(task, **options)
+    expected = restore(read_image(job.source_uri).pixels, task, load_prior(str(tiny_prior_file)), operator=op,
+                       steps=3, seed=[2], tiling="hierarchical")
+    assert row["status"] == "ok" and json.loads(row["estimated_params_json"]) == expected.params["per_image"][0]
+    assert (read_image(job.output_uri).pixels - expected.image).abs().max() <= 1 / 255 + 1e-6
+    assert row["consistency_psnr"] == pytest.approx(float(expected.consistency_psnr[0]), abs=0.05)
