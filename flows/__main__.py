@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reference-uri")
     r.add_argument("--max-images", type=int)
     r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--blind", action="store_true", help="deblur: estimate an unknown kernel of --kernel-size")
+    r.add_argument("--kernel-lr", type=float, help="deblur --blind: Adam step on the kernel logits")
     t = sub.add_parser("train", help="train a prior (train-prior flow)")
     t.add_argument("data_uri")
     t.add_argument("output_uri")
@@ -63,8 +65,14 @@ def restore_parameters(args: argparse.Namespace) -> dict:
     options = {"factor": args.factor, "filter": args.filter, "sigma": args.sigma, "kernel_size": args.kernel_size,
                "kernel_file": args.kernel_file, "blur_mode": args.blur_mode, "mask": args.mask or "sidecar",
                "mask_ratio": args.mask_ratio, "mask_seed": args.mask_seed,
-               "box": [int(v) for v in args.box.split(",")] if args.box else None}
-    return {"input_uri": args.input_uri, "output_uri": args.output_uri, "task": args.task, "options": options,
+               "box": [int(v) for v in args.box.split(",")] if args.box else None, "kernel_lr": args.kernel_lr}
+    if args.task == "hdr":
+        raise UsageError("--task hdr fuses several exposures of one scene: use `gdp restore SHORT ... LONG OUT "
+                         "--task hdr`; the collection flow restores one input per output")
+    if args.blind and args.task != "deblur":
+        raise UsageError("--blind applies to --task deblur only")
+    task = "blind-deblur" if args.blind else args.task
+    return {"input_uri": args.input_uri, "output_uri": args.output_uri, "task": task, "options": options,
             "prior": args.prior, "preset": args.preset, "steps": args.steps, "seed": args.seed,
             "guidance": args.guidance, "scale": args.scale, "samples": args.samples, "pattern": args.pattern,
             "tiling": {"mode": args.tiling, "patch": args.patch, "stride": args.stride, "blend": args.blend},

@@ -37,7 +37,7 @@ from pydantic_core import to_jsonable_python
 from gdp import collection as col
 from gdp.io import ImageError
 
-TaskName = Literal["sr", "deblur", "inpaint", "colorize"]
+TaskName = Literal["sr", "deblur", "inpaint", "colorize", "lowlight", "blind-deblur"]  # hdr: several inputs per scene
 SHARD_DEPLOYMENT = "restore-shard/gpu"  # prefect.yaml; its runs restore one group of a sharded run
 CHILD_POLL_SECONDS = 2.0
 
@@ -55,6 +55,14 @@ class TaskOptions(BaseModel):
     mask_ratio: float | None = Field(None, ge=0, le=1)
     mask_seed: int = 0
     box: tuple[int, int, int, int] | None = None
+    # blind tasks (None: the operator's documented default; gdp/operators/blind.py)
+    grid: int | None = Field(None, ge=1, description="lowlight: control values per side of the mask M")
+    target_mean: float | None = Field(None, gt=0, lt=1, description="lowlight: brightness the gain starts from")
+    lr_f: float | None = Field(None, ge=0, description="lowlight: step on the gain f per diffusion step")
+    lr_mask: float | None = Field(None, ge=0, description="lowlight: step on M per unit of residual")
+    tv_weight: float | None = Field(None, ge=0, description="lowlight: weight of L_TV(M) in the parameter update")
+    param_init: Literal["mean", "reference"] | None = None
+    kernel_lr: float | None = Field(None, gt=0, description="blind-deblur: Adam step on the kernel logits")
 
 
 class TilingOptions(BaseModel):

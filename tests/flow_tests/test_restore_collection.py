@@ -434,3 +434,26 @@ def test_hierarchical_mode_shards_windows_across_images(tmp_path, tiny_prior_pat
     written = read_image(str(tmp_path / "out" / "b.png")).pixels
     assert (written - expected.image).abs().max() <= 1 / 255 + 1e-6
     assert not (tmp_path / "out" / "_work").exists()
+
+
+def test_blind_tasks_report_their_estimates(tmp_path, images, tiny_prior_path):
+    """lowlight (fused) and blind deblur (hierarchical: the coarse pass's estimate travels to the
+    window tasks) through the flow: each row has the image's own estimate in estimated_params_json."""
+    import json
+    for rel, (h, w) in {"small.png": (32, 36), "big.png": (72, 80)}.items():
+        images.write(tmp_path / "in" / rel, images.png(images.crop(h, w, "astronaut", top=40, left=120) // 5))
+    state, manifest = run_flow(input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "ll"), task="lowlight",
+                               prior=tiny_prior_path, steps=2)
+    assert state.is_completed(), state.message
+    rows = rows_by_name(pq.read_table(manifest))
+    for r in rows.values():
+        est = json.loads(r["estimated_params_json"])
+        assert r["status"] == "ok" and r["task"] == "lowlight" and 0.05 < est["f"][0] < 1.0
+        assert set(est) == {"f", "mask_mean", "mask_min", "mask_max", "mask_grid"}
+    state, manifest = run_flow(input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "bd"), task="blind-deblur",
+                               options={"kernel_size": 5}, prior=tiny_prior_path, steps=2,
+                               tiling={"mode": "hierarchical"})
+    assert state.is_completed(), state.message
+    for r in pq.read_table(manifest).to_pylist():
+        kernel = json.loads(r["estimated_params_json"])["kernel"]
+        assert len(kernel) == 5 and abs(sum(map(sum, kernel)) - 1) < 1e-4
