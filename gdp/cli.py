@@ -55,7 +55,7 @@ def _add_blind_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-clip", dest="clip", action="store_false", help="hdr: model exposures without saturation")
     g.add_argument("--exposure-weight", type=float, default=0.0, help="weight of the exposure loss L_exp on the image")
     g.add_argument("--color-weight", type=float, help="weight of the colour-constancy loss L_col "
-                   "(default 500 for colorize, else 0)")
+                   "(default 0; 500 for colorize with --paper-scale, as the authors)")
     g.add_argument("--save-params", metavar="DIR", help="write the estimated masks / kernel as images into DIR")
 
 
