@@ -238,3 +238,15 @@ def test_cli_blind_errors_are_one_line(tmp_path, tiny_prior_file, capsys, monkey
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_flows_cli_maps_blind_deblur_and_refuses_hdr():
+    from flows.__main__ import build_parser, restore_parameters
+    from gdp.cli import UsageError
+    args = build_parser().parse_args(["restore", "in", "out", "--task", "deblur", "--blind", "--kernel-size", "9"])
+    p = restore_parameters(args)
+    assert p["task"] == "blind-deblur" and p["options"]["kernel_size"] == 9
+    with pytest.raises(UsageError, match="several exposures"):
+        restore_parameters(build_parser().parse_args(["restore", "in", "out", "--task", "hdr"]))
+    with pytest.raises(UsageError, match="--blind applies to --task deblur only"):
+        restore_parameters(build_parser().parse_args(["restore", "in", "out", "--task", "sr", "--blind"]))
