@@ -127,7 +127,7 @@ class _quiet:
         return kind is not None and issubclass(kind, ProcessLookupError)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Server + deployments + the three workers; the test process's Prefect client points at it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
