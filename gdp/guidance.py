@@ -135,7 +135,7 @@ def guidance_gradient(operator, z: torch.Tensor, y: torch.Tensor, scale: float |
                       blind=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(g = -dL/dz, per-image mean squared residual `[B]`, gradients of the blind operator's
     parameters); autograd on detached leaf copies of z (and of the parameters). `scale`: a float
-    or one value per image `[B]`. The parameters' loss is the blind operator's own (`param_loss`
+    or one value per image `[B]`, or per image and stacked guide `[B, K]`. The parameters' loss is the blind operator's own (`param_loss`
     of the unscaled residual plus `penalty`), at the same z and the same (pre-step) parameters."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
@@ -143,8 +143,14 @@ def guidance_gradient(operator, z: torch.Tensor, y: torch.Tensor, scale: float |
         if blind is not None:
             params = {k: v.detach().requires_grad_(True) for k, v in blind.params.items()}
             blind.bind(params)
-        sq = residual_sq(operator, z, y)
-        loss = scale * sq / n
+        if torch.is_tensor(scale) and scale.dim() == 2:  # one scale per image and guide [B, K] (HDR)
+            r = operator.A((z + 1) / 2) - y
+            sq_guides = r.square().flatten(1).unflatten(1, (scale.shape[1], -1)).sum(dim=2)
+            sq = sq_guides.sum(dim=1)
+            loss = (scale * sq_guides).sum(dim=1) / n
+        else:
+            sq = residual_sq(operator, z, y)
+            loss = scale * sq / n
         if color_weight:
             loss = loss + color_weight * color_constancy(z)
         if exposure_weight:

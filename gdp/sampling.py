@@ -72,7 +72,9 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
 
     Blind operators (gdp.operators.blind), also inside wrappers: their parameters are initialised
     per image from y, take one update per step at the same x0_hat and pre-step parameters as the
-    image guidance, and are returned in `GDPResult.params`; the cap is then per image.
+    image guidance, and are returned in `GDPResult.params`; the cap is then per image, and with
+    several stacked guides (HDR) per guide: each may correct 1/K of its residual per step, so a
+    bright exposure's large gain does not throttle the dark one's pull.
     """
     from gdp.guidance import blind_part, guidance_gradient, normaliser, operator_norm_sq
 
@@ -96,9 +98,11 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
     for k, i in enumerate(reversed(range(len(chain)))):
         out = denoiser.predict(x, i, chain)  # 2. eps, x0_hat, mu, Sigma from the prior
         z = out.x0_hat if guidance.mode == "x0" else x
-        if blind is not None and guidance.max_correction:  # per image: ||A_phi||^2 changes with phi
-            bound = guidance.max_correction * 2 * n / (wrapper_norm * blind.norm_sq(blind.params)).clamp_min(1e-12)
-            scale = bound.clamp(max=step_scale)
+        if blind is not None and guidance.max_correction:  # per image and guide: ||A_phi||^2 changes with phi
+            guide_norm = wrapper_norm * blind.guide_norm_sq(blind.params) * blind.guides  # [B, K]
+            scale = (guidance.max_correction * 2 * n / guide_norm.clamp_min(1e-12)).clamp(max=step_scale)
+            if blind.guides == 1:
+                scale = scale[:, 0]
         g, _, grads = guidance_gradient(operator, z, y, scale, n, guidance.color_weight,  # 3. g = -grad L
                                         guidance.exposure_weight, blind)
         if updater is not None:  # 3b. one step on the degradation's parameters

@@ -76,6 +76,10 @@ class BlindOperator(Operator):
         """||A_phi||^2 per image `[B]` (for the per-step guidance cap)."""
         raise NotImplementedError
 
+    def guide_norm_sq(self, params: Params) -> Tensor:
+        """||A_phi||^2 per image and guide `[B, guides]` (default: one guide)."""
+        return self.norm_sq(params)[:, None]
+
     def describe(self, params: Params | None = None) -> list[dict]:
         """The estimated parameters per image, JSON-ready."""
         raise NotImplementedError
@@ -141,7 +145,8 @@ class _Exposure(BlindOperator):
     of `grid` x `grid` control values and bilinear upsampling: smooth by construction and the same
     number of unknowns at any image size. The step on a control value is scaled (lr_mask * G^2 / 2)
     so that a persistent mean residual r in its cell moves M by about -lr_mask * r per step.
-    init "mean": f_k = mean(y_k) / target_mean, M = 0 (a well-exposed output; no sign flips);
+    init "mean": f = mean(y) / target_mean, M = 0 (a well-exposed output; no sign flips); with
+    several exposures, the best-exposed one sets that level and the others their gain ratios to it;
     init "reference": the authors' f ~ N(0, 1) / 100, M ~ U(0, 1) / 1e4 (seeded per image).
     """
 
@@ -169,11 +174,28 @@ class _Exposure(BlindOperator):
             f = torch.stack([torch.randn(k, generator=g) / 100 for g in gens])
             mask = torch.stack([torch.rand(k, self.grid, self.grid, generator=g) / 1e4 for g in gens])
             return {"f": f.to(y), "mask": mask.to(y)}
-        means = y.unflatten(1, (self.guides, -1)).mean(dim=(2, 3, 4))  # [B, guides]
-        if self.share:
-            means = means.mean(dim=1, keepdim=True)
-        f = means.clamp_min(1e-3) / self.target_mean
+        if self.guides > 1 and not self.share:
+            f = self._relative_gains(y)
+        else:
+            means = y.unflatten(1, (self.guides, -1)).mean(dim=(2, 3, 4))  # [B, guides]
+            f = means.mean(dim=1, keepdim=True).clamp_min(1e-3) / self.target_mean
         return {"f": f, "mask": torch.zeros(b, k, self.grid, self.grid, device=y.device, dtype=y.dtype)}
+
+    def _relative_gains(self, y: Tensor, low: float = 0.02, high: float = 0.98) -> Tensor:
+        """Initial gains `[B, K]` of K exposures: the best-exposed one (fewest pixels near black or
+        white) gets mean(y)/target_mean; each other one that times its least-squares ratio to it
+        over the pixels well exposed in both (a saturated exposure's mean says little)."""
+        shots = y.unflatten(1, (self.guides, -1)).flatten(2)  # [B, K, 3HW]
+        good = (shots > low) & (shots < high)
+        f = torch.empty(shots.shape[:2], device=y.device, dtype=y.dtype)
+        for b in range(shots.shape[0]):
+            ref = int(good[b].float().mean(dim=1).argmax())
+            base = shots[b, ref].mean().clamp_min(1e-3) / self.target_mean
+            for k in range(self.guides):
+                both = good[b, k] & good[b, ref]
+                a, r = (shots[b, k][both], shots[b, ref][both]) if both.sum() >= 16 else (shots[b, k], shots[b, ref])
+                f[b, k] = base * (a * r).sum() / r.square().sum().clamp_min(1e-12)
+        return f.clamp_min(1e-3)
 
     def _expand(self, params: Params, height: int, width: int) -> tuple[Tensor, Tensor]:
         f, mask = params["f"], upsample_grid(params["mask"], height, width)
@@ -197,8 +219,11 @@ class _Exposure(BlindOperator):
         return per_guide / self.guides if self.share else per_guide  # shared: the authors' average
 
     def norm_sq(self, params: Params) -> Tensor:
+        return self.guide_norm_sq(params).sum(dim=1)
+
+    def guide_norm_sq(self, params: Params) -> Tensor:
         f = params["f"].expand(-1, self.guides) if self.share else params["f"]
-        return f.square().sum(dim=1)
+        return f.square()
 
     def describe(self, params: Params | None = None) -> list[dict]:
         params = params or self.params
