@@ -77,10 +77,17 @@ class Stack:
         return subprocess.run([PREFECT, *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
                               timeout=timeout)
 
-    def start_worker(self, name: str, queue: str, limit: int | None = None) -> None:
+    def start_worker(self, name: str, queue: str, limit: int | None = None, timeout: float = 120) -> None:
+        """Start a process worker and wait until it polls (so runs spread as the test expects)."""
         args = [PREFECT, "worker", "start", "--pool", "gpu-pool", "--type", "process", "--work-queue", queue,
                 "--name", name]
-        self.workers[name] = self._spawn(args + (["--limit", str(limit)] if limit else []), f"worker-{name}.log")
+        proc = self._spawn(args + (["--limit", str(limit)] if limit else []), f"worker-{name}.log")
+        self.workers[name] = proc
+        log, deadline = self.home / f"worker-{name}.log", time.monotonic() + timeout
+        while f"Worker '{name}' started" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, f"worker {name} did not start in {timeout} s"
+            time.sleep(0.2)
 
     def kill_worker(self, name: str) -> list[int]:
         """SIGKILL a worker and every process under it (its flow runs), as if its machine died."""

@@ -157,7 +157,7 @@ def test_crashed_child_run_is_retried_once(stack, photo_collection, tiny_prior_f
     the parent's manifest still has one row per input with nothing written twice."""
     folder = photo_collection("crash", [ONE_PATCH] * 8)
     out = tmp_path / "out"
-    run_id, _ = stack.run_deployment(COLLECTION, params(folder, out, tiny_prior_file, steps=80, shards=2,
+    run_id, _ = stack.run_deployment(COLLECTION, params(folder, out, tiny_prior_file, steps=50, shards=2,
                                                             shard_patches=1), watch=False)  # one image per task
     seen = []
 
@@ -200,7 +200,7 @@ def test_killed_worker_then_rerun_loses_nothing(stack, photo_collection, tiny_pr
     most the one in flight) is restored again."""
     folder = photo_collection("kill", [ONE_PATCH] * 6)
     out = tmp_path / "out"
-    parameters = params(folder, out, tiny_prior_file, steps=80, shard_patches=1)  # one image per restore task
+    parameters = params(folder, out, tiny_prior_file, steps=50, shard_patches=1)  # one image per restore task
     first, _ = stack.run_deployment(COLLECTION, parameters, watch=False)
     wait_until(lambda: journaled(out, first), 180, "the first restored image")
     killed = stack.kill_worker("orchestrator")
