@@ -105,7 +105,7 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
                 scale = scale[:, 0]
         g, _, grads = guidance_gradient(operator, z, y, scale, n, guidance.color_weight,  # 3. g = -grad L
                                         guidance.exposure_weight, blind)
-        if updater is not None:  # 3b. one step on the degradation's parameters
+        if updater is not None and k >= blind.update_from * len(chain):  # 3b. one step on the parameters
             updater.step(grads)
         x = out.mean + g  # 4. mu~ = mu + g (no Sigma)
         if i > 0:  # 5. x_{t-1} = mu~ + sigma z  (no noise at the last step)

@@ -35,6 +35,7 @@ class BlindOperator(Operator):
     linear: ClassVar[bool] = False
     blind: ClassVar[bool] = True
     guides: int = 1  # observations stacked in y, each guiding the image (HDR: the exposures)
+    update_from: float = 0.0  # fraction of the chain during which phi stays at its start
 
     def __init__(self) -> None:
         super().__init__()
@@ -318,14 +319,18 @@ class BlindDeblur(BlindOperator):
     """Blurring by an unknown kernel of `kernel_size` x `kernel_size` per image, kept non-negative
     and summing to 1 by a softmax over logits. "same" size with reflect padding, like `deblur`.
 
-    Init: a Gaussian of width `init_sigma` (default kernel_size / 8). The logits take one Adam
-    step (lr `lr`, default 0.05) per diffusion step on the mean squared residual.
+    Init: a Gaussian of width `init_sigma` (default kernel_size / 8). The kernel stays there for
+    the first `update_from` of the chain (default half: early x0_hat are blurry and would pull the
+    kernel towards one that explains a blurry image), then the logits take one Adam step (lr `lr`,
+    default 0.2) per diffusion step on the mean squared residual.
     """
 
     name = "blind-deblur"
 
-    def __init__(self, kernel_size: int = 15, init_sigma: float | None = None, lr: float = 0.05):
+    def __init__(self, kernel_size: int = 15, init_sigma: float | None = None, lr: float = 0.2,
+                 update_from: float = 0.5):
         super().__init__()
+        self.update_from = update_from
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"blind deblur needs an odd kernel size >= 3, got {kernel_size}")
         self.kernel_size, self.init_sigma = kernel_size, init_sigma or kernel_size / 8
