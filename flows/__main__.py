@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reference-uri")
     r.add_argument("--max-images", type=int)
     r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--shards", type=int, default=1, help="N > 1: N child runs of the restore-shard/gpu deployment")
+    r.add_argument("--task-runner", choices=["thread", "dask"], default="thread")
+    r.add_argument("--dask-address", help="an existing Dask scheduler (default with dask: a local cluster)")
+    r.add_argument("--dask-workers", type=int, default=2, help="worker processes of the local Dask cluster")
     r.add_argument("--blind", action="store_true", help="deblur: estimate an unknown kernel of --kernel-size")
     r.add_argument("--kernel-lr", type=float, help="deblur --blind: Adam step on the kernel logits")
     t = sub.add_parser("train", help="train a prior (train-prior flow)")
@@ -77,7 +81,8 @@ def restore_parameters(args: argparse.Namespace) -> dict:
             "guidance": args.guidance, "scale": args.scale, "samples": args.samples, "pattern": args.pattern,
             "tiling": {"mode": args.tiling, "patch": args.patch, "stride": args.stride, "blend": args.blend},
             "batch_size": args.batch_size, "devices": args.devices, "reference_uri": args.reference_uri,
-            "max_images": args.max_images, "overwrite": args.overwrite}
+            "max_images": args.max_images, "overwrite": args.overwrite, "shards": args.shards,
+            "task_runner": args.task_runner, "dask_address": args.dask_address, "dask_workers": args.dask_workers}
 
 
 def run_restore(parameters: dict) -> int:

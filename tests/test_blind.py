@@ -250,3 +250,10 @@ def test_flows_cli_maps_blind_deblur_and_refuses_hdr():
         restore_parameters(build_parser().parse_args(["restore", "in", "out", "--task", "hdr"]))
     with pytest.raises(UsageError, match="--blind applies to --task deblur only"):
         restore_parameters(build_parser().parse_args(["restore", "in", "out", "--task", "sr", "--blind"]))
+
+
+def test_flows_cli_passes_scale_out_options():
+    from flows.__main__ import build_parser, restore_parameters
+    p = restore_parameters(build_parser().parse_args(["restore", "in", "out", "--task", "sr", "--shards", "3",
+                                                      "--task-runner", "dask", "--dask-workers", "4"]))
+    assert (p["shards"], p["task_runner"], p["dask_workers"], p["dask_address"]) == (3, "dask", 4, None)
