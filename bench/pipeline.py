@@ -86,14 +86,14 @@ def one_run(obs: Path, out: Path, steps: int, tiling: str) -> dict:
     """read -> restore -> write in this process; wall time, NFE and this process's peak RSS."""
     prior = col.cached_prior("default", None, "cpu")
     timer = UNetTimer(prior.unet)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     y = read_image(str(obs)).pixels
     r = restore(y, "sr", prior, factor=4, steps=steps, seed=[0], tiling=tiling)
     write_image(str(out), r.image)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"megapixels": r.image.shape[-1] * r.image.shape[-2] / 1e6, "side": r.image.shape[-1], "steps": steps,
             "tiling": r.tiling.get("mode"), "n_patches": r.tiling.get("n_patches"), "nfe": r.nfe,
-            "seconds": seconds, "unet_seconds": timer.seconds,
+            "seconds": seconds, "cpu_seconds": cpu, "unet_seconds": timer.seconds,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}
 
 
@@ -102,8 +102,10 @@ def scaling(sizes: list[float], steps: int, repeats: int, tiling: str, data: Pat
     runs = json.loads(data.read_text()) if data.exists() else []
     meta = {"date": time.strftime("%a %d %b %Y %H:%M:%S %Z"), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
             "threads": torch.get_num_threads()}
-    print("| output | MP | steps | NFE | seconds (median) | s / MP / step | UNet share | peak RSS GiB (median) | runs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"threads {torch.get_num_threads()}")
+    print("| output | MP | steps | NFE | seconds (median) | CPU seconds (median) | CPU s / MP / step | UNet share | "
+          "peak RSS GiB (median) | runs (wall / CPU / RSS) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mp in sizes:
         side = int((mp * 1e6) ** 0.5) // 4 * 4
         obs = tmp / f"obs{side}.png"
@@ -116,13 +118,14 @@ def scaling(sizes: list[float], steps: int, repeats: int, tiling: str, data: Pat
             runs.append(rows[-1])
             data.parent.mkdir(parents=True, exist_ok=True)
             data.write_text(json.dumps(runs, indent=1))
-        med = {k: statistics.median(r[k] for r in rows) for k in ("seconds", "unet_seconds", "peak_rss_gib")}
+        med = {k: statistics.median(r[k] for r in rows) for k in ("seconds", "cpu_seconds", "peak_rss_gib")}
         r0 = rows[0]
-        runs_text = ", ".join(f"{r['seconds']:.0f} s / {r['peak_rss_gib']:.2f} GiB" for r in rows)
+        share = statistics.median(r["unet_seconds"] / r["seconds"] for r in rows)
+        runs_text = ", ".join(f"{r['seconds']:.0f} s / {r['cpu_seconds']:.0f} s / {r['peak_rss_gib']:.2f} GiB"
+                              for r in rows)
         print(f"| {side}x{side} | {r0['megapixels']:.2f} | {steps} | {r0['nfe']} | {med['seconds']:.1f} | "
-              f"{med['seconds'] / r0['megapixels'] / steps:.1f} | {statistics.median(r['unet_seconds'] / r['seconds'] for r in rows):.3f} | "
-              f"{med['peak_rss_gib']:.2f} | {runs_text} |",
-              flush=True)
+              f"{med['cpu_seconds']:.1f} | {med['cpu_seconds'] / r0['megapixels'] / steps:.1f} | {share:.3f} | "
+              f"{med['peak_rss_gib']:.2f} | {runs_text} |", flush=True)
     if plot:
         plot_scaling(runs, plot)
 
@@ -139,10 +142,12 @@ def plot_scaling(runs: list[dict], out: Path) -> None:
     for steps in sorted({s for _, s in groups}):
         keys = sorted(k for k in groups if k[1] == steps)
         mps = [k[0] for k in keys]
-        ax1.plot(mps, [statistics.median(r["seconds"] for r in groups[k]) for k in keys], "o-", label=f"{steps} step(s)")
+        for key, style, what in (("seconds", "o-", "wall"), ("cpu_seconds", "s--", "CPU")):
+            ax1.plot(mps, [statistics.median(r[key] for r in groups[k]) for k in keys], style,
+                     label=f"{what}, {steps} step(s)")
         ax2.plot(mps, [statistics.median(r["peak_rss_gib"] for r in groups[k]) for k in keys], "o-",
                  label=f"{steps} step(s)")
-    for ax, label in ((ax1, "wall time (s, median)"), (ax2, "peak RSS (GiB, median)")):
+    for ax, label in ((ax1, "seconds (median)"), (ax2, "peak RSS (GiB, median)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("output megapixels (x4 SR, hierarchical, default prior)")

@@ -4,9 +4,10 @@
 
 Restores held-out sample images (examples/sr-x4, x4 super-resolution, 128x128 outputs = 9 patches
 of 64 px with the default prior) with patch-fused sampling at several patch batch sizes, and
-times every UNet forward with a hook. Prints a markdown table (medians of --repeats runs): seconds
-per NFE (one NFE = one patch through the network), patches per second of the whole sampler and
-of the UNet forwards alone, and the share of wall time inside the UNet.
+times every UNet forward with a hook. Prints a markdown table (medians of --repeats runs): wall and
+CPU (process) seconds per NFE (one NFE = one patch through the network; on a shared machine the
+CPU time is the steadier figure), patches per second of the whole sampler and of the UNet
+forwards alone, and the share of wall time inside the UNet.
 
 By default each image is restored by its own call (9 patches per step: batch sizes above 9 do
 not apply); `--one-call` restores the three images in one call (27 patches per step, batched
@@ -71,23 +72,30 @@ def main() -> None:
     calls = [torch.cat(ys)] if args.one_call else ys
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}, prior {prior.prior_id}")
-    print(f"one call for all images: {args.one_call}; steps {args.steps}; repeats {args.repeats}")
-    print("\n| patch batch | s / NFE (median) | patches / s (sampler) | patches / s (UNet forwards) | "
-          "share of wall time in UNet (median) | NFE per image |")
-    print("|---|---|---|---|---|---|")
-    for bs in args.batch_sizes:
-        per_nfe, unet_rate, shares = [], [], []
-        for _ in range(args.repeats):
-            timer.reset()
-            t0 = time.perf_counter()
-            nfe = sum(restore(y, "sr", prior, factor=4, steps=args.steps, batch_size=bs).nfe * len(y) for y in calls)
-            wall = time.perf_counter() - t0
-            per_nfe.append(wall / nfe)
-            unet_rate.append(nfe / timer.seconds)
-            shares.append(timer.seconds / wall)
-        print(f"| {bs} | {statistics.median(per_nfe) * 1000:.1f} ms | {1 / statistics.median(per_nfe):.1f} | "
-              f"{statistics.median(unet_rate):.1f} | {statistics.median(shares):.3f} | {nfe // len(ys)} |", flush=True)
+    print(f"one call for all images: {args.one_call}; steps {args.steps}; repeats {args.repeats} (interleaved: "
+          "every repeat runs every batch size, so load changes hit all of them)")
+    measure(calls, prior, timer, 1, args.batch_sizes[0])  # warm-up (first calls allocate and pick kernels)
+    runs: dict[int, list[dict]] = {bs: [] for bs in args.batch_sizes}
+    for _ in range(args.repeats):
+        for bs in args.batch_sizes:
+            runs[bs].append(measure(calls, prior, timer, args.steps, bs))
+    print("\n| patch batch | s / NFE (median) | CPU s / NFE (median) | patches / s (sampler) | "
+          "patches / s (UNet forwards) | share of wall time in UNet (median) | NFE per image |")
+    print("|---|---|---|---|---|---|---|")
+    for bs, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        print(f"| {bs} | {med['wall'] * 1000:.1f} ms | {med['cpu'] * 1000:.1f} ms | {1 / med['wall']:.1f} | "
+              f"{med['unet_rate']:.1f} | {med['share']:.3f} | {rs[0]['nfe'] // len(ys)} |")
 
+
+def measure(calls: list[torch.Tensor], prior, timer: UNetTimer, steps: int, batch_size: int) -> dict:
+    """Wall and CPU (process) seconds per NFE, UNet patches per second and UNet share of one pass."""
+    timer.reset()
+    t0, c0 = time.perf_counter(), time.process_time()
+    nfe = sum(restore(y, "sr", prior, factor=4, steps=steps, batch_size=batch_size).nfe * len(y) for y in calls)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"wall": wall / nfe, "cpu": cpu / nfe, "unet_rate": nfe / timer.seconds, "share": timer.seconds / wall,
+            "nfe": nfe}
 
 if __name__ == "__main__":
     main()
