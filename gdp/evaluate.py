@@ -26,8 +26,10 @@ from gdp.baselines import BASELINES, Baseline, EvalCase
 from gdp.metrics import consistency_psnr, psnr, ssim
 from gdp.operators import degrade, make_operator
 
-# Operator options per task; a new task (e.g. lowlight) is one line here plus its BASELINES entry.
-PROTOCOL: dict[str, dict] = {
+# Operator options per task (the observation is `degrade(x, make_operator(task, **options))`), or
+# a function (x, generator) -> EvalCase for tasks synthesised otherwise (e.g. a low-light shot:
+# gain + noise; an exposure bracket for HDR). A new task is one line here plus its BASELINES entry.
+PROTOCOL: dict[str, dict | Callable[[torch.Tensor, torch.Generator], EvalCase]] = {
     "sr": {"factor": 4},
     "deblur": {"mode": "valid"},
     "inpaint": {"ratio": 0.25, "seed": 0},
@@ -63,9 +65,11 @@ def observe(x: torch.Tensor, task: str, *, noise_sigma: float = 0.0, seed: int =
     """The task's observation of the reference x `[1, 3, H, W]`, made with `degrade` (PROTOCOL)."""
     if task not in PROTOCOL:
         raise ValueError(f"no evaluation protocol for task {task!r}; choose from {', '.join(PROTOCOL)}")
+    generator = torch.Generator().manual_seed(seed)
+    if callable(PROTOCOL[task]):
+        return PROTOCOL[task](x, generator)
     op = make_operator(task, **PROTOCOL[task])
-    y = degrade(x, op, noise_sigma=noise_sigma, generator=torch.Generator().manual_seed(seed))
-    return EvalCase(op, y, tuple(x.shape), x)
+    return EvalCase(op, degrade(x, op, noise_sigma=noise_sigma, generator=generator), tuple(x.shape), x)
 
 
 def run_baseline(case: EvalCase, name: str, baseline: Baseline) -> MethodOutput:

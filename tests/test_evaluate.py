@@ -140,3 +140,17 @@ def test_missing_scikit_image_is_one_clear_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "gdp[eval]" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_new_task_is_one_protocol_line_and_one_baselines_entry(monkeypatch, tiny_prior, photo_crop):
+    from gdp.baselines import Baseline, bicubic
+
+    def sr2(x: torch.Tensor, generator: torch.Generator) -> EvalCase:  # synthesised by a function
+        op = make_operator("sr", factor=2)
+        return EvalCase(op, degrade(x, op), tuple(x.shape), x)
+    monkeypatch.setitem(ev.PROTOCOL, "sr2", sr2)
+    monkeypatch.setitem(BASELINES, "sr2", {"bicubic": Baseline(bicubic),
+                                           "oracle": Baseline(lambda case: case.reference)})
+    rows = ev.evaluate_image(photo_crop(32, 32), "p", tiny_prior, tasks=["sr2"], steps=1, guidance=())
+    assert [(r["task"], r["method"]) for r in rows] == [("sr2", "bicubic"), ("sr2", "oracle")]
+    assert rows[1]["psnr"] == math.inf and 15 < rows[0]["psnr"] < 60
