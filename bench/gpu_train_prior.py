@@ -22,17 +22,21 @@ from gdp.train import TrainConfig, train
 DATA = "runs/prior-data"
 
 
-def export(run_dir: Path, out: Path) -> None:
+def export(run_dir: Path, out: Path, light: bool = False) -> None:
     from safetensors.torch import save_file
     ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
     meta = {"gdp_spec": json.dumps(ckpt["spec"]), "train_steps": str(ckpt["step"])}
+    (out / "history.json").write_text(json.dumps(ckpt["history"]))
+    if light:  # two files: the EMA weights in fp16 (what ships; < 16 MiB for adm-small-64) and the history
+        save_file({k: v.half().contiguous() for k, v in ckpt["ema"].items()}, out / "ema-fp16.safetensors",
+                  metadata=meta)
+        return
     keys = sorted(ckpt["ema"])
     sizes = [ckpt["ema"][k].numel() for k in keys]
     half = next(i for i in range(len(keys)) if sum(sizes[:i + 1]) * 2 >= sum(sizes)) + 1  # balance bytes
     for n, part in enumerate((keys[:half], keys[half:])):
         save_file({k: ckpt["ema"][k].float().contiguous() for k in part}, out / f"ema-{n}.safetensors", metadata=meta)
     save_file({k: v.half().contiguous() for k, v in ckpt["model"].items()}, out / "model-fp16.safetensors", metadata=meta)
-    (out / "history.json").write_text(json.dumps(ckpt["history"]))
     grids = sorted(run_dir.glob("samples-*.png"))
     if grids:
         shutil.copy(grids[-1], out / "samples.png")
@@ -60,8 +64,10 @@ def main() -> None:
     ap.add_argument("--preset", default="adm-small-64")
     ap.add_argument("--crop", type=int, default=64)
     ap.add_argument("--gray-weight", type=float, default=1.0)
+    ap.add_argument("--light", action="store_true", help="export only ema-fp16.safetensors and history.json")
+    ap.add_argument("--run-dir", default="/tmp/prior-run")
     args = ap.parse_args()
-    run_dir = Path("/tmp/prior-run")
+    run_dir = Path(args.run_dir)
     cfg = TrainConfig(data_uri=DATA, out_uri=str(run_dir), preset=args.preset, crop=args.crop,
                       batch_size=args.batch_size, lr=args.lr, steps=10**7, checkpoint_every=2000,
                       ema_decay=0.9995, max_seconds=args.seconds, init_from=args.init,
@@ -79,7 +85,7 @@ def main() -> None:
     print(f"trained {result.steps} steps in {time.time() - t0:.0f} s, final loss {result.final_loss:.4f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    export(run_dir, out)
+    export(run_dir, out, light=args.light)
     print("exported", sorted(p.name for p in out.iterdir()))
 
 

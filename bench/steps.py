@@ -42,7 +42,7 @@ def load_images(size: int) -> dict[str, torch.Tensor]:
 def run(args, data: dict) -> None:
     from gdp.evaluate import evaluate_image
     from gdp.prior.checkpoint import load_prior
-    prior = load_prior(args.prior)
+    prior = load_prior(args.prior, device=args.device)
     images = load_images(args.size)
     done = {(r["steps"], r["method"]) for r in data["rows"]}
     if not any(r["steps"] is None for r in data["rows"]):  # baselines, once
@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--long-steps", type=int, default=10 ** 9, help="from this step count on, only --long-images")
     ap.add_argument("--long-images", nargs="*", default=[])
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (PSNR does not depend on it; seconds do)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--data", type=Path, default=ROOT / "docs/data/quality_vs_steps.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/img/quality_vs_steps.png")

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dask-workers", type=int, default=2, help="worker processes of the local Dask cluster")
     r.add_argument("--blind", action="store_true", help="deblur: estimate an unknown kernel of --kernel-size")
     r.add_argument("--kernel-lr", type=float, help="deblur --blind: Adam step on the kernel logits")
+    r.add_argument("--kernel-passes", type=int, help="deblur --blind: sampling chains (default 2)")
     t = sub.add_parser("train", help="train a prior (train-prior flow)")
     t.add_argument("data_uri")
     t.add_argument("output_uri")
@@ -69,7 +70,8 @@ def restore_parameters(args: argparse.Namespace) -> dict:
     options = {"factor": args.factor, "filter": args.filter, "sigma": args.sigma, "kernel_size": args.kernel_size,
                "kernel_file": args.kernel_file, "blur_mode": args.blur_mode, "mask": args.mask or "sidecar",
                "mask_ratio": args.mask_ratio, "mask_seed": args.mask_seed,
-               "box": [int(v) for v in args.box.split(",")] if args.box else None, "kernel_lr": args.kernel_lr}
+               "box": [int(v) for v in args.box.split(",")] if args.box else None, "kernel_lr": args.kernel_lr,
+               "kernel_passes": args.kernel_passes}
     if args.task == "hdr":
         raise UsageError("--task hdr fuses several exposures of one scene: use `gdp restore SHORT ... LONG OUT "
                          "--task hdr`; the collection flow restores one input per output")

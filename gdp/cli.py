@@ -44,10 +44,12 @@ def _add_blind_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blind", action="store_true", help="deblur: estimate an unknown kernel of --kernel-size "
                    "(default 15) jointly with the image")
     g.add_argument("--kernel-lr", type=float, help="deblur --blind: Adam step on the kernel logits (default 0.2)")
+    g.add_argument("--kernel-passes", type=int, help="deblur --blind: sampling chains; the later ones restore with "
+                   "the first chain's kernel fixed (default 2; NFE = passes x steps)")
     g.add_argument("--grid", type=int, help="lowlight/hdr: the mask M has grid x grid control values (default 8)")
-    g.add_argument("--target-mean", type=float, help="lowlight/hdr: mean brightness the gains start from (default 0.45)")
+    g.add_argument("--target-mean", type=float, help="lowlight/hdr: mean brightness the gains start from (default 0.4 / 0.45)")
     g.add_argument("--lr-f", type=float, help="lowlight/hdr: gradient step on the gain f (default 0.1; the authors used 1)")
-    g.add_argument("--lr-mask", type=float, help="lowlight/hdr: step on M, per unit of residual (default 0.05)")
+    g.add_argument("--lr-mask", type=float, help="lowlight/hdr: step on M, per unit of residual (default 0.01 / 0.05)")
     g.add_argument("--tv-weight", type=float, help="lowlight/hdr: weight of L_TV(M) in the parameter update (default 0)")
     g.add_argument("--param-init", choices=["mean", "reference"], help="lowlight/hdr: gains from the observation's "
                    "mean (default) or the authors' random init")

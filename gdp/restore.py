@@ -57,7 +57,8 @@ def operator_options(task: str, *, factor: int = 4, filter: str = "avgpool", sig
                      box: Sequence[int] | None = None, exposures: int = 3, grid: int | None = None,
                      target_mean: float | None = None, share_params: bool = False, clip: bool = True,
                      lr_f: float | None = None, lr_mask: float | None = None, tv_weight: float | None = None,
-                     param_init: str | None = None, kernel_lr: float | None = None, **_ignored) -> dict:
+                     param_init: str | None = None, kernel_lr: float | None = None,
+                     kernel_passes: int | None = None, **_ignored) -> dict:
     """`make_operator` keywords from the flat task options shared by the CLI and the flows.
 
     inpaint takes the first of: a mask file (`mask`, not "sidecar"), a random ratio, a box; with
@@ -86,7 +87,8 @@ def operator_options(task: str, *, factor: int = 4, filter: str = "avgpool", sig
             options.update(exposures=exposures, share=share_params, clip=clip)
         return {k: v for k, v in options.items() if v is not None}
     if task == "blind-deblur":
-        return {k: v for k, v in {"kernel_size": kernel_size or 15, "lr": kernel_lr}.items() if v is not None}
+        options = {"kernel_size": kernel_size or 15, "lr": kernel_lr, "passes": kernel_passes}
+        return {k: v for k, v in options.items() if v is not None}
     return {}
 
 

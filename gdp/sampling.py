@@ -74,7 +74,9 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
     per image from y, take one update per step at the same x0_hat and pre-step parameters as the
     image guidance, and are returned in `GDPResult.params`; the cap is then per image, and with
     several stacked guides (HDR) per guide: each may correct 1/K of its residual per step, so a
-    bright exposure's large gain does not throttle the dark one's pull.
+    bright exposure's large gain does not throttle the dark one's pull. An operator's `passes` > 1
+    runs that many chains (fresh noise each), every later one starting from the previous estimate
+    and holding it for `later_update_from` of the chain (1: fixed); the last chain's image is returned.
     """
     from gdp.guidance import blind_part, guidance_gradient, normaliser, operator_norm_sq
 
@@ -84,39 +86,44 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
     n = normaliser(operator, y, x_shape, guidance.size_rule)
     step_scale = guidance.step_scale(len(chain))
     blind = blind_part(operator)
-    updater = None
+    passes = blind.passes if blind is not None else 1
     if blind is not None:
         blind.bind(blind.init_params(y, x_shape))
-        updater = ParamUpdater(blind)
         wrapper_norm = wrapper_norm_sq(operator, x_shape, y.device)
     scale = step_scale
     if guidance.max_correction and blind is None:  # never overshoot the observation in one step (gdp.guidance)
         norm_sq = norm_sq or operator_norm_sq(operator, x_shape, y.device)
         scale = min(step_scale, guidance.max_correction * 2 * n / norm_sq)
-    x = randn_per_image(x_shape[1:], generators, y.device)  # 1. x_T ~ N(0, I)
     nfe = getattr(denoiser, "nfe_per_call", 1)
-    for k, i in enumerate(reversed(range(len(chain)))):
-        out = denoiser.predict(x, i, chain)  # 2. eps, x0_hat, mu, Sigma from the prior
-        z = out.x0_hat if guidance.mode == "x0" else x
-        if blind is not None and guidance.max_correction:  # per image and guide: ||A_phi||^2 changes with phi
-            guide_norm = wrapper_norm * blind.guide_norm_sq(blind.params) * blind.guides  # [B, K]
-            scale = (guidance.max_correction * 2 * n / guide_norm.clamp_min(1e-12)).clamp(max=step_scale)
-            if blind.guides == 1:
-                scale = scale[:, 0]
-        g, _, grads = guidance_gradient(operator, z, y, scale, n, guidance.color_weight,  # 3. g = -grad L
-                                        guidance.exposure_weight, blind)
-        if updater is not None and k >= blind.update_from * len(chain):  # 3b. one step on the parameters
-            updater.step(grads)
-        x = out.mean + g  # 4. mu~ = mu + g (no Sigma)
-        if i > 0:  # 5. x_{t-1} = mu~ + sigma z  (no noise at the last step)
-            x = x + torch.exp(0.5 * out.log_variance) * randn_per_image(x_shape[1:], generators, x.device)
-        if callback:
-            callback(k + 1, len(chain))
+    total = passes * len(chain)
+    for p in range(passes):  # blind operators may ask for several chains, each starting from the last estimate
+        updater = ParamUpdater(blind) if blind is not None else None
+        hold = (blind.update_from if p == 0 else blind.later_update_from) if blind is not None else 0.0
+        x = randn_per_image(x_shape[1:], generators, y.device)  # 1. x_T ~ N(0, I)
+        for k, i in enumerate(reversed(range(len(chain)))):
+            out = denoiser.predict(x, i, chain)  # 2. eps, x0_hat, mu, Sigma from the prior
+            z = out.x0_hat if guidance.mode == "x0" else x
+            if blind is not None and guidance.max_correction:  # per image and guide: ||A_phi||^2 changes with phi
+                guide_norm = wrapper_norm * blind.guide_norm_sq(blind.params) * blind.guides  # [B, K]
+                scale = (guidance.max_correction * 2 * n / guide_norm.clamp_min(1e-12)).clamp(max=step_scale)
+                if blind.guides == 1:
+                    scale = scale[:, 0]
+            g, _, grads = guidance_gradient(operator, z, y, scale, n, guidance.color_weight,  # 3. g = -grad L
+                                            guidance.exposure_weight, blind)
+            if updater is not None and k >= hold * len(chain):  # 3b. step(s) on the parameters
+                updater.step(grads)
+                for _ in range(blind.iters - 1):  # more steps at the same z (the image guidance g is kept)
+                    updater.step(guidance_gradient(operator, z, y, scale, n, blind=blind)[2])
+            x = out.mean + g  # 4. mu~ = mu + g (no Sigma)
+            if i > 0:  # 5. x_{t-1} = mu~ + sigma z  (no noise at the last step)
+                x = x + torch.exp(0.5 * out.log_variance) * randn_per_image(x_shape[1:], generators, x.device)
+            if callback:
+                callback(p * len(chain) + k + 1, total)
     x = x.clamp(-1, 1)
     with torch.no_grad():
         mse = (operator.A((x + 1) / 2) - y).square().flatten(1).mean(dim=1)
     params = {k: v.detach() for k, v in blind.params.items()} if blind is not None else {}
-    return GDPResult(x, mse, nfe * len(chain), time.perf_counter() - t0, params)
+    return GDPResult(x, mse, nfe * total, time.perf_counter() - t0, params)
 
 
 class ParamUpdater:

@@ -121,11 +121,44 @@ def test_blind_deblur_kernel_approaches_the_true_kernel():
     x = torch.cat([photo(48, 48, name="astronaut", top=40, left=120, step=2)])
     truth = motion_kernel(9, seed=1)
     y = Deblur(kernel=truth, mode="same").A(x)
-    op = make_operator("blind-deblur", kernel_size=9, lr=0.05)
+    op = make_operator("blind-deblur", kernel_size=9, lr=0.05, update_from=0.5, passes=1)
     before = kernel_error(op.kernels(op.init_params(y, x.shape))[0], truth)["relative_l2"]
     result = _estimate(op, x, y, steps=60)
     after = kernel_error(op.kernels(result.params)[0], truth)["relative_l2"]
     assert after < 0.5 * before, (before, after)
+
+
+def test_later_passes_restore_with_the_first_estimate_fixed():
+    x = photo(32, 32, name="astronaut", top=40, left=120, step=2)
+    truth = motion_kernel(7, seed=2)
+    y = Deblur(kernel=truth, mode="same").A(x)
+    one = _estimate(make_operator("blind-deblur", kernel_size=7, passes=1), x, y, steps=20)
+    op = make_operator("blind-deblur", kernel_size=7, passes=3)  # later_update_from 1.0: kernel fixed
+    three = _estimate(op, x, y, steps=20)
+    assert three.nfe == 3 * one.nfe == 60
+    # chain 1 is the same computation (same seeds), and chains 2 and 3 leave the kernel where it was
+    assert torch.equal(three.params["logits"], one.params["logits"])
+    # chain 3 is non-blind GDP with that kernel: its image fits y with the estimate
+    assert not torch.equal(three.x0, one.x0)
+    k = op.kernels(three.params)[0]
+    fit = (Deblur(kernel=k, mode="same").A((three.x0 + 1) / 2) - y).square().mean()
+    assert fit < 1e-3, fit
+    # a later chain that keeps updating moves the estimate
+    moving = _estimate(make_operator("blind-deblur", kernel_size=7, passes=2, later_update_from=0.0), x, y, steps=20)
+    assert not torch.equal(moving.params["logits"], one.params["logits"])
+
+
+def test_several_kernel_steps_per_diffusion_step():
+    x = photo(32, 32, name="coffee", top=40, left=120, step=2)
+    y = Deblur(kernel=motion_kernel(7, seed=3), mode="same").A(x)
+    runs = {n: _estimate(make_operator("blind-deblur", kernel_size=7, passes=1, iters=n), x, y, steps=10)
+            for n in (1, 4)}
+    assert runs[4].nfe == runs[1].nfe == 10  # the extra steps cost no network evaluation
+    k1, k4 = (make_operator("blind-deblur", kernel_size=7).kernels(r.params) for r in runs.values())
+    assert (k1 - k4).abs().max() > 1e-4  # four Adam steps per step move the kernel further
+    assert torch.allclose(k4.sum(dim=(1, 2)), torch.ones(1)) and (k4 >= 0).all()
+    with pytest.raises(ValueError, match="iters >= 1"):
+        make_operator("blind-deblur", iters=0)
 
 
 # ----------------------------------------------------------------------------- independence
