@@ -147,8 +147,9 @@ def main() -> None:
         data["meta"]["finished"] = time.strftime("%a %d %b %Y %H:%M:%S %Z")
         save(args.data, data)
     meta = data.get("meta", {})
+    priors = ", ".join(sorted({r["prior_id"] for r in data["rows"]}))
     plot(data["rows"], args.plot, f"GDP quality vs steps: {len(meta.get('images', []))} held-out crops of "
-                                  f"{meta.get('size', '?')}x{meta.get('size', '?')}, default prior")
+                                  f"{meta.get('size', '?')}x{meta.get('size', '?')}, prior {priors}")
     print(table(data["rows"]))
 
 

@@ -210,14 +210,49 @@ def restore_shard_flow(
     collection: Annotated[dict, Field(description="the parameters of the restore-collection run")],
     inputs: Annotated[list[str], Field(description="image URIs under collection.input_uri")],
     shard: Annotated[int, Field(ge=0)] = 0,
+    windows: Annotated[dict[str, list[int]] | None, Field(
+        description="huge hierarchical images split over child runs: URI -> [first, last + 1] window index")] = None,
+    work_root: Annotated[str | None, Field(description="with windows: the parent run's work folder, which "
+                                                       "holds the coarse results")] = None,
 ):
     """Restore `inputs` with the settings of a restore-collection run and write this run's partial
-    manifest, OUTPUT/_manifests/_shards/run-<flow_run_id>.parquet (one row per input)."""
+    manifest, OUTPUT/_manifests/_shards/run-<flow_run_id>.parquet (one row per input). With
+    `windows`, also restore those window ranges of images whose coarse pass the parent ran, into
+    the parent's work folder, and list the files in WORK_ROOT/_parts/shard-<shard>.json."""
     run = _prepare(_collection_parameters(collection))
-    get_run_logger().info(f"shard {shard}: {len(inputs)} input(s); prior {run.prior_id}; config {run.config_hash}")
-    rows, todo = _skip_done(_plan(inputs, run), run)
+    get_run_logger().info(f"shard {shard}: {len(inputs)} input(s), {len(windows or {})} window range(s); "
+                          f"prior {run.prior_id}; config {run.config_hash}")
+    if windows:
+        if not work_root:
+            raise ValueError("windows need the parent run's work_root")
+        _restore_window_ranges(windows, work_root, shard, run)
+    rows, todo = _skip_done(_plan(inputs, run), run) if inputs else ([], [])
     _restore_jobs(todo, run, rows.append)
     return _finish(rows, run, folder=posixpath.join(col.MANIFEST_DIR, col.SHARD_MANIFEST_DIR), keyed=False)
+
+
+def _parts_uri(work_root: str, shard: int) -> str:
+    return col.join_uri(work_root, "_parts", f"shard-{shard}.json")
+
+
+def _restore_window_ranges(windows: dict[str, list[int]], work_root: str, shard: int, run: "_Run") -> None:
+    """Window ranges of images planned and coarse-passed by the parent run, in batches of about
+    `shard_patches` windows over this run's devices; the list of files goes to the parts JSON."""
+    jobs = {job.source_uri: job for job in _plan(list(windows), run)}
+    batches = []
+    for uri, (lo, hi) in windows.items():
+        job = jobs[uri]
+        if job.status == "failed" or job.mode != "hierarchical":
+            raise ValueError(f"{uri}: cannot restore windows of it here ({job.error or job.mode})")
+        for start in range(lo, hi, run.shard_patches):
+            batches.append([col.WindowBatch(job, tuple(range(start, min(hi, start + run.shard_patches))))])
+    with _gpu_slot():
+        futures = [restore_windows.submit(b, k, run.settings, work_root, run.devices[k % len(run.devices)])
+                   for k, b in enumerate(batches)]
+    done = []
+    for fut in futures:
+        done += [list(item) for item in fut.result()]  # a failed batch fails this child (the parent retries it)
+    col.write_json(_parts_uri(work_root, shard), done, run.storage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,11 +424,18 @@ def _restore_in_child_runs(todo: list[col.ImageJob], shards: int, collection: di
     more; the inputs of one that does so twice become failed rows."""
     from prefect.client.orchestration import get_client
     logger = get_run_logger()
-    groups = col.split_balanced(todo, shards)
-    logger.info(f"{len(todo)} image(s) in {len(groups)} child runs of {SHARD_DEPLOYMENT}, patches per child: "
-                f"{[sum(j.n_patches for j in g) for g in groups]}")
-    children = {k: _start_child(collection, group, k) for k, group in enumerate(groups)}
-    retried = set()
+    total = sum(max(job.n_patches, 1) for job in todo)
+    huge = [job for job in todo if job.mode == "hierarchical" and job.n_patches > total / shards]
+    groups = col.split_balanced([job for job in todo if job not in huge], shards)
+    coarse, windows = _split_huge_images(huge, shards, run)  # each huge image's windows over all children
+    n = max(len(groups), shards if windows else 0)
+    groups += [[] for _ in range(n - len(groups))]
+    logger.info(f"{len(todo)} image(s) in {n} child runs of {SHARD_DEPLOYMENT}, patches per child: "
+                f"{[sum(j.n_patches for j in g) + sum(r[k][1] - r[k][0] for r in windows.values()) for k, g in enumerate(groups)]}"
+                + (f"; windows of {len(windows)} huge image(s) spread over all children" if windows else ""))
+    ranges = [{uri: list(r[k]) for uri, r in windows.items() if r[k][1] > r[k][0]} for k in range(n)]
+    children = {k: _start_child(collection, groups[k], k, ranges[k], run.work_root) for k in range(n)}
+    retried, parts = set(), {}
     with get_client(sync_client=True) as client:
         while children:
             time.sleep(CHILD_POLL_SECONDS)
@@ -403,21 +445,78 @@ def _restore_in_child_runs(todo: list[col.ImageJob], shards: int, collection: di
                     continue
                 del children[k]
                 rows = _child_rows(run, child_id)
-                if rows is None and k not in retried:
+                child_parts = col.read_json(_parts_uri(run.work_root, k), run.storage) if ranges[k] else []
+                if (rows is None or child_parts is None) and k not in retried:
                     logger.warning(f"shard {k}: child run {child_id} ended {state.name} without its manifest "
-                                   f"({state.message}); starting it once more")
+                                   f"or window list ({state.message}); starting it once more")
                     retried.add(k)
-                    children[k] = _start_child(collection, groups[k], k)
+                    children[k] = _start_child(collection, groups[k], k, ranges[k], run.work_root)
                     continue
                 error = f"shard {k} (child run {child_id}) ended {state.name}: {' '.join(str(state.message).split())}"
                 for row in _merge_rows(groups[k], rows or [], run, error):
                     record(row)
+                if ranges[k]:
+                    parts[k] = child_parts if child_parts is not None else error
+    _assemble_huge_images(huge, coarse, windows, parts, run, record)
 
 
-def _start_child(collection: dict, group: list[col.ImageJob], k: int):
+def _split_huge_images(huge: list[col.ImageJob], shards: int, run: _Run):
+    """The coarse pass of each huge hierarchical image, here (its windows need it), and the split of
+    its windows into `shards` contiguous ranges: ({relpath: (NFE, seconds) or error}, {URI: ranges})."""
+    with _gpu_slot():
+        futures = [coarse_pass.submit(job, run.settings, run.work_root, run.devices[k % len(run.devices)])
+                   for k, job in enumerate(huge)]
+    coarse, windows = {}, {}
+    for job, fut in zip(huge, futures):
+        fut.wait()
+        out = fut.result(raise_on_failure=False)
+        if isinstance(out, BaseException):
+            coarse[job.relpath] = col.one_line(out)
+        else:
+            coarse[job.relpath] = (out[1], out[2])
+            windows[job.source_uri] = col.split_windows(job.n_patches, shards)
+    return coarse, windows
+
+
+def _assemble_huge_images(huge: list[col.ImageJob], coarse: dict, windows: dict, parts: dict, run: _Run,
+                          record: Callable[[dict], None]) -> None:
+    """Merge the window files the children listed into each huge image, and record its row."""
+    futures = {}
+    for job in huge:
+        error = coarse[job.relpath] if isinstance(coarse[job.relpath], str) else ""
+        files, nfe, seconds = [], 0, 0.0
+        if not error:
+            nfe, seconds = coarse[job.relpath]
+            for k, (lo, hi) in enumerate(windows[job.source_uri]):
+                if hi == lo:
+                    continue
+                if isinstance(parts.get(k), str) or k not in parts:
+                    error = parts.get(k) or f"shard {k} did not report windows {lo}..{hi - 1}"
+                    break
+                for relpath, uri, n, secs in parts[k]:
+                    if relpath == job.relpath:
+                        files.append(uri)
+                        nfe, seconds = nfe + n, seconds + secs
+        if error:
+            record(_failed_row(job, run, error))
+            continue
+        result = col.ImageResult(job, nfe=nfe, seconds=seconds, parts=tuple(files),
+                                 tiling={"mode": "hierarchical", "n_patches": job.n_patches})
+        futures[assemble.submit(result, job.relpath, run.settings, run.prior_id, run.config_hash, run.run_id,
+                                run.reference_uri, run.output_uri)] = job
+    for fut, job in futures.items():
+        fut.wait()
+        row = fut.result(raise_on_failure=False)
+        record(row if isinstance(row, dict) else _failed_row(job, run, col.one_line(row)))
+
+
+def _start_child(collection: dict, group: list[col.ImageJob], k: int, windows: dict | None = None,
+                 work_root: str | None = None):
+    parameters = {"collection": collection, "inputs": [job.source_uri for job in group], "shard": k}
+    if windows:
+        parameters.update(windows=windows, work_root=work_root)
     try:
-        child = run_deployment(SHARD_DEPLOYMENT, timeout=0, parameters={
-            "collection": collection, "inputs": [job.source_uri for job in group], "shard": k})
+        child = run_deployment(SHARD_DEPLOYMENT, timeout=0, parameters=parameters)
     except ObjectNotFound:
         raise ValueError(f"shards > 1 needs the deployment {SHARD_DEPLOYMENT} on this Prefect server "
                          "(bash deployments/setup.sh) and workers on its queue") from None

@@ -379,6 +379,34 @@ def window_batches(jobs: list[ImageJob], shard_patches: int) -> list[list[Window
     return shards
 
 
+def split_windows(n_patches: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous ranges [lo, hi) of window indices 0..n_patches-1, sizes differing by at most
+    one (empty ranges when there are fewer windows than parts)."""
+    q, r = divmod(n_patches, parts)
+    bounds = [0]
+    for k in range(parts):
+        bounds.append(bounds[-1] + q + (k < r))
+    return [(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
+def write_json(uri: str, value, storage_options: dict | None = None) -> None:
+    """Write a small JSON document in one piece (rename on a local disk; one PUT on object stores)."""
+    data = json.dumps(value).encode()
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path + ".tmp", data)
+        fs.mv(path + ".tmp", path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_json(uri: str, storage_options: dict | None = None):
+    """The JSON document at `uri`, or None when there is none."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
 def restore_window_batches(batches: list[WindowBatch], settings: Settings, work_root: str,
                            device: str = "auto") -> list[tuple[str, str, int, float]]:
     """Restore window batches (each against its image's coarse result); returns

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -149,6 +150,39 @@ def test_sharded_run_uses_both_workers(stack, sharded_run):
     for name, r in rows.items():
         assert output_size(sharded_run.out / name) == (r["width"], r["height"])
     print(f"sharded run: {sharded_run.seconds:.1f} s from `prefect deployment run` to the end of --watch")
+
+
+def test_huge_image_windows_are_spread_over_child_runs(stack, photo_collection, tiny_prior_file, tmp_path):
+    """shards=2 with one hierarchical image holding most of the work (9 of 11 patches): the parent
+    runs its coarse pass, each child restores about half of its windows into the parent's work area
+    (and one small image whole), the parent merges them; the output and NFE equal a shards=1 run's."""
+    folder = photo_collection("huge", [(40, 40), ONE_PATCH, ONE_PATCH])
+    tiling = {"mode": "hierarchical"}
+    runs = {}
+    for shards in (2, 1):
+        out = tmp_path / f"out-{shards}"
+        run_id, cli = stack.run_deployment(COLLECTION, params(folder, out, tiny_prior_file, steps=6, shards=shards,
+                                                              tiling=tiling, shard_patches=4))
+        assert cli.returncode == 0, cli.stdout[-2000:]
+        runs[shards] = (run_id, out, manifest_rows(out, run_id))
+    run_id, out, rows = runs[2]
+    kids = children(run_id)
+    assert len(kids) == 2 and all(k.state.is_completed() for k in kids)
+    assert {worker_of(stack, k.id) for k in kids} == {"gpu-a", "gpu-b"}
+    windows = [k.parameters["windows"] for k in kids]
+    huge_uri = str(folder / "photo0.png")
+    assert sorted(tuple(w[huge_uri]) for w in windows) == [(0, 5), (5, 9)]  # 9 windows: 5 + 4
+    assert sorted(len(k.parameters["inputs"]) for k in kids) == [1, 1]
+    assert sorted(rows) == ["photo0.png", "photo1.png", "photo2.png"]
+    huge, single = rows["photo0.png"], runs[1][2]["photo0.png"]
+    assert (huge["status"], huge["n_patches"], huge["width"]) == ("ok", 9, 80)
+    assert huge["flow_run_id"] == run_id  # assembled by the parent
+    assert huge["nfe"] == single["nfe"] > 9 * 6  # windows plus the coarse pass, as in one process
+    for name in rows:
+        a = np.asarray(Image.open(out / name), dtype=np.int16)
+        b = np.asarray(Image.open(runs[1][1] / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, name  # same chains, seeded by window index, anywhere
+    assert not (out / col.WORK_DIR).exists()  # the parent's work area (windows, parts lists) is cleaned
 
 
 def test_crashed_child_run_is_retried_once(stack, photo_collection, tiny_prior_file, tmp_path):
