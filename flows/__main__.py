@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="score GDP against classical baselines on clean images (evaluate flow)")
     e.add_argument("reference_uri", help="folder or URL of clean reference images")
     e.add_argument("output_uri", help="where results.parquet, summary.md and the PNGs go")
-    e.add_argument("--tasks", nargs="+", choices=["sr", "deblur", "inpaint", "colorize"],
+    e.add_argument("--tasks", nargs="+", choices=["sr", "deblur", "inpaint", "colorize", "lowlight", "hdr"],
                    default=["sr", "deblur", "inpaint", "colorize"])
     e.add_argument("--steps", type=int, default=50)
     e.add_argument("--prior", default="default", help="default, a checkpoint path or an fsspec URL")

@@ -27,7 +27,7 @@ from pydantic import Field
 from gdp import collection as col
 from gdp import evaluate as ev
 
-EvalTask = Literal["sr", "deblur", "inpaint", "colorize"]
+EvalTask = Literal["sr", "deblur", "inpaint", "colorize", "lowlight", "hdr"]
 
 
 @task(cache_policy=NO_CACHE, task_run_name="evaluate-{name}")

@@ -76,11 +76,41 @@ def gray(case: EvalCase) -> torch.Tensor:
     return case.y.expand(-1, case.x_shape[1], -1, -1).clone()
 
 
+def gain_to_mean(case: EvalCase, target: float = 0.45) -> torch.Tensor:
+    """Low light: one global gain that brings the observation's mean to `target`."""
+    return (case.y * (target / case.y.mean().clamp_min(1e-6))).clamp(0, 1)
+
+
+def _skimage_exposure(case: EvalCase, name: str, **options) -> torch.Tensor:
+    from skimage import exposure
+    img = case.y[0].permute(1, 2, 0).double().numpy()
+    out = getattr(exposure, name)(img, **options)
+    return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)[None].float().clamp(0, 1)
+
+
+def histogram_equalisation(case: EvalCase) -> torch.Tensor:
+    """Low light: scikit-image `equalize_hist` on all channels together (one histogram)."""
+    return _skimage_exposure(case, "equalize_hist")
+
+
+def clahe(case: EvalCase) -> torch.Tensor:
+    """Low light: scikit-image `equalize_adapthist` (CLAHE), clip limit 0.01."""
+    return _skimage_exposure(case, "equalize_adapthist", clip_limit=0.01)
+
+
+def exposure(k: int) -> Callable[[EvalCase], torch.Tensor]:
+    """HDR: exposure k of the bracket (stacked on channels) as shot."""
+    return lambda case: case.y[:, 3 * k:3 * k + 3]
+
+
 BASELINES: dict[str, dict[str, Baseline]] = {
     "sr": {"bicubic": Baseline(bicubic)},
     "deblur": {"richardson-lucy": Baseline(richardson_lucy)},
     "inpaint": {"biharmonic": Baseline(biharmonic, requires=("skimage",))},
     "colorize": {"gray": Baseline(gray)},
+    "lowlight": {"gain": Baseline(gain_to_mean), "histeq": Baseline(histogram_equalisation, requires=("skimage",)),
+                 "clahe": Baseline(clahe, requires=("skimage",))},
+    "hdr": {"exposure-1": Baseline(exposure(0)), "exposure-2": Baseline(exposure(1))},
 }
 
 

@@ -29,11 +29,31 @@ from gdp.operators import degrade, make_operator
 # Operator options per task (the observation is `degrade(x, make_operator(task, **options))`), or
 # a function (x, generator) -> EvalCase for tasks synthesised otherwise (e.g. a low-light shot:
 # gain + noise; an exposure bracket for HDR). A new task is one line here plus its BASELINES entry.
+LOWLIGHT_GAIN, LOWLIGHT_NOISE = 0.15, 0.01  # as bench/blind.py
+HDR_GAINS, HDR_NOISE = (0.3, 3.0), 0.02
+
+
+def _lowlight(x: torch.Tensor, generator: torch.Generator) -> EvalCase:
+    """A dark shot: gain 0.15 and noise sigma 0.01 (`gdp.operators.low_light`)."""
+    from gdp.operators import low_light
+    return EvalCase(make_operator("lowlight"), low_light(x, gain=LOWLIGHT_GAIN, noise=LOWLIGHT_NOISE,
+                                                         generator=generator), tuple(x.shape), x)
+
+
+def _hdr(x: torch.Tensor, generator: torch.Generator) -> EvalCase:
+    """Two exposures at gains 0.3 and 3.0, clipped at white, noise sigma 0.02, stacked on channels."""
+    from gdp.operators import exposure_bracket
+    shots = exposure_bracket(x, HDR_GAINS, noise=HDR_NOISE, generator=generator)
+    return EvalCase(make_operator("hdr", exposures=len(shots)), torch.cat(shots, dim=1), tuple(x.shape), x)
+
+
 PROTOCOL: dict[str, dict | Callable[[torch.Tensor, torch.Generator], EvalCase]] = {
     "sr": {"factor": 4},
     "deblur": {"mode": "valid"},
     "inpaint": {"ratio": 0.25, "seed": 0},
     "colorize": {},
+    "lowlight": _lowlight,
+    "hdr": _hdr,
 }
 ALIGN = 4  # references are cropped to a multiple of the SR factor
 COLUMNS = ["image", "task", "method", "steps", "psnr", "ssim", "consistency_psnr", "lpips", "seconds", "nfe",
@@ -87,10 +107,13 @@ def run_gdp(case: EvalCase, task: str, prior, *, mode: str, steps: int, seed: in
 
 
 def score(case: EvalCase, image: torch.Tensor, lpips: Scorer | None = None) -> dict:
-    """PSNR, SSIM and LPIPS against the reference, consistency PSNR against y (floats, dB)."""
+    """PSNR, SSIM and LPIPS against the reference, consistency PSNR against y (floats, dB). Blind
+    operators: consistency with the parameters bound to `case.op` (GDP's own estimate, right after
+    its restore); NaN when none are bound (a baseline estimates none)."""
     x = case.reference
+    unbound = getattr(case.op, "blind", False) and case.op.params is None
     return {"psnr": float(psnr(image, x)[0]), "ssim": float(ssim(image, x)[0]),
-            "consistency_psnr": float(consistency_psnr(case.op, image, case.y)[0]),
+            "consistency_psnr": math.nan if unbound else float(consistency_psnr(case.op, image, case.y)[0]),
             "lpips": float(lpips(image, x)[0]) if lpips else math.nan}
 
 
@@ -107,18 +130,24 @@ def evaluate_image(x: torch.Tensor, name: str, prior, *, tasks: Sequence[str], s
     rows = []
     for task in tasks:
         case = observe(x, task, seed=seed)
-        outputs = [run_baseline(case, n, b) for n, b in BASELINES.get(task, {}).items()] if baselines else []
-        outputs += [run_gdp(case, task, prior, mode=m, steps=steps, seed=seed, **restore_options) for m in guidance]
         folder = posixpath.join(out_uri.rstrip("/"), "images", name, task) if out_uri else None
         if folder:
-            _write_png(posixpath.join(folder, "observation.png"), case.y)
-        for out in outputs:
+            shots = case.y.split(3, dim=1) if case.y.shape[1] > 3 else (case.y,)  # HDR: one PNG per exposure
+            for k, shot in enumerate(shots):
+                _write_png(posixpath.join(folder, "observation.png" if len(shots) == 1 else
+                                          f"observation-{k + 1}.png"), shot)
+        runs = [lambda n=n, b=b: run_baseline(case, n, b) for n, b in BASELINES.get(task, {}).items()] \
+            if baselines else []
+        runs += [lambda m=m: run_gdp(case, task, prior, mode=m, steps=steps, seed=seed, **restore_options)
+                 for m in guidance]
+        for produce in runs:  # scored at once: a blind operator holds the estimate of the last restore
+            out = produce()
             uri = _write_png(posixpath.join(folder, f"{out.method}.png"), out.image) if folder else None
             rows.append({"image": name, "task": task, "method": out.method, "steps": out.steps,
                          **score(case, out.image, lpips), "seconds": out.seconds, "nfe": out.nfe,
                          "prior_id": prior.prior_id, "output": uri})
         if log:
-            log(f"{name} {task}: " + ", ".join(f"{r['method']} {r['psnr']:.2f} dB" for r in rows[-len(outputs):]))
+            log(f"{name} {task}: " + ", ".join(f"{r['method']} {r['psnr']:.2f} dB" for r in rows[-len(runs):]))
     return rows
 
 

@@ -154,3 +154,33 @@ def test_a_new_task_is_one_protocol_line_and_one_baselines_entry(monkeypatch, ti
     rows = ev.evaluate_image(photo_crop(32, 32), "p", tiny_prior, tasks=["sr2"], steps=1, guidance=())
     assert [(r["task"], r["method"]) for r in rows] == [("sr2", "bicubic"), ("sr2", "oracle")]
     assert rows[1]["psnr"] == math.inf and 15 < rows[0]["psnr"] < 60
+
+
+def test_blind_tasks_lowlight_and_hdr(tiny_prior, photo_crop, tmp_path):
+    """Low light (gain, histogram equalisation, CLAHE) and HDR (each exposure as shot) against GDP:
+    baselines recomputed here; a baseline estimates no parameters, so its consistency is NaN, and
+    GDP's is measured with its own estimate."""
+    from skimage import exposure as skx
+
+    from gdp.operators import exposure_bracket, low_light
+    x = photo_crop(32, 32)
+    rows = ev.evaluate_image(x, "p", tiny_prior, tasks=["lowlight", "hdr"], steps=2, out_uri=str(tmp_path))
+    got = {(r["task"], r["method"]): r for r in rows}
+    assert sorted(got) == [("hdr", "exposure-1"), ("hdr", "exposure-2"), ("hdr", "gdp-x0"),
+                           ("lowlight", "clahe"), ("lowlight", "gain"), ("lowlight", "gdp-x0"),
+                           ("lowlight", "histeq")]
+    ref = x.numpy()[0].transpose(1, 2, 0)
+    y = low_light(x, gain=0.15, noise=0.01, generator=torch.Generator().manual_seed(0)).numpy()[0].transpose(1, 2, 0)
+    expected = {"gain": y * (0.45 / y.mean()), "histeq": skx.equalize_hist(y.astype(np.float64)),
+                "clahe": skx.equalize_adapthist(y.astype(np.float64), clip_limit=0.01)}
+    for name, image in expected.items():
+        assert got[("lowlight", name)]["psnr"] == pytest.approx(np_psnr(levels(image), ref), abs=0.02), name
+        assert math.isnan(got[("lowlight", name)]["consistency_psnr"])
+    shots = exposure_bracket(x, (0.3, 3.0), noise=0.02, generator=torch.Generator().manual_seed(0))
+    for k, shot in enumerate(shots):
+        row = got[("hdr", f"exposure-{k + 1}")]
+        assert row["psnr"] == pytest.approx(np_psnr(levels(shot.numpy()[0].transpose(1, 2, 0)), ref), abs=0.02)
+        assert (tmp_path / "images/p/hdr" / f"observation-{k + 1}.png").exists()
+    for task in ("lowlight", "hdr"):
+        gdp = got[(task, "gdp-x0")]
+        assert gdp["nfe"] == 2 and 5 < gdp["consistency_psnr"] < 200 and 3 < gdp["psnr"] < 60
