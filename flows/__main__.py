@@ -102,16 +102,41 @@ def ensure_server() -> None:
     if os.environ.get("PREFECT_API_URL"):
         return
     if not _healthy():
-        print(f"starting a local Prefect server at {UI} (stop it with `prefect server stop`)", flush=True)
-        prefect = Path(sys.executable).with_name("prefect")
-        subprocess.run([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", "4200", "--background"],
-                       check=True, stdout=subprocess.DEVNULL)
+        if not _background_server_alive():
+            print(f"starting a local Prefect server at {UI} (stop it with `prefect server stop`)", flush=True)
+            prefect = Path(sys.executable).with_name("prefect")
+            started = subprocess.run([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", "4200",
+                                      "--background"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if started.returncode:
+                raise RuntimeError(f"could not start a Prefect server at {UI}: "
+                                   f"{' '.join(started.stderr.split())[-300:] or 'no message'}")
         deadline = time.time() + 90
         while not _healthy():
             if time.time() > deadline:
                 raise RuntimeError(f"the Prefect server at {UI} did not become healthy in 90 s")
             time.sleep(1)
     os.environ["PREFECT_API_URL"] = f"{UI}/api"
+
+
+def _background_server_alive() -> bool:
+    """Whether `prefect server start --background` has a live server process (which may still be
+    starting). A PID file left by a server that is gone (machine restarted, process killed) would
+    make Prefect refuse to start a new one: it is removed here."""
+    from prefect.settings import PREFECT_HOME
+    pid_file = Path(PREFECT_HOME.value()) / "server.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        print(f"removing {pid_file}: its server (process {pid}) is gone", flush=True)
+        pid_file.unlink(missing_ok=True)
+        return False
+    except PermissionError:  # alive, another user's
+        return True
 
 
 def _healthy() -> bool:
