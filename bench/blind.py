@@ -25,9 +25,9 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from gdp.baselines import EvalCase, clahe, gain_to_mean, histogram_equalisation
 from gdp.io import read_image
 from gdp.metrics import psnr
 from gdp.operators import Deblur, exposure_bracket, low_light, make_operator, motion_kernel
@@ -43,12 +43,10 @@ def db(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def lowlight_baselines(y: torch.Tensor, x: torch.Tensor) -> dict:
-    from skimage import exposure
-    img = y[0].permute(1, 2, 0).numpy().astype(np.float64)
-    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()  # noqa: E731
-    return {"gain to mean 0.45": db(y * (0.45 / y.mean()), x),
-            "histogram equalisation": db(as_t(exposure.equalize_hist(img)), x),
-            "CLAHE": db(as_t(exposure.equalize_adapthist(img, clip_limit=0.01)), x)}
+    """PSNR of the low-light baselines of `gdp.baselines` for one observation y `[1, 3, H, W]`."""
+    case = EvalCase(make_operator("lowlight"), y, tuple(x.shape), x)
+    return {"gain to mean 0.45": db(gain_to_mean(case), x), "histogram equalisation": db(histogram_equalisation(case), x),
+            "CLAHE": db(clahe(case), x)}
 
 
 def run(task: str, x: torch.Tensor, index: int, prior, steps: int) -> dict:

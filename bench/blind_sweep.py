@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gdp.baselines import EvalCase, clahe, gain_to_mean, histogram_equalisation
 from gdp.io import read_image
 from gdp.metrics import psnr
 from gdp.operators import Deblur, low_light, make_operator, motion_kernel
@@ -90,17 +91,14 @@ def run_lowlight(x, prior, cfg: dict) -> dict:
 
 
 def lowlight_baselines(x) -> dict:
-    import numpy as np
-    from skimage import exposure
+    """Per-image PSNR of the low-light baselines of `gdp.baselines`."""
     y = lowlight_case(x)
-    rows = {"gain to mean 0.45": [], "histogram equalisation": [], "CLAHE": []}
+    methods = {"gain to mean 0.45": gain_to_mean, "histogram equalisation": histogram_equalisation, "CLAHE": clahe}
+    rows = {name: [] for name in methods}
     for k in range(x.shape[0]):
-        yk, xk = y[k:k + 1], x[k:k + 1]
-        img = yk[0].permute(1, 2, 0).numpy().astype(np.float64)
-        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()  # noqa: E731
-        rows["gain to mean 0.45"] += per_image_db(yk * (0.45 / yk.mean()), xk)
-        rows["histogram equalisation"] += per_image_db(as_t(exposure.equalize_hist(img)), xk)
-        rows["CLAHE"] += per_image_db(as_t(exposure.equalize_adapthist(img, clip_limit=0.01)), xk)
+        case = EvalCase(make_operator("lowlight"), y[k:k + 1], tuple(x[k:k + 1].shape), x[k:k + 1])
+        for name, method in methods.items():
+            rows[name] += per_image_db(method(case), x[k:k + 1])
     return rows
 
 

@@ -346,17 +346,10 @@ def _restore_hierarchical(jobs: list[col.ImageJob], run: _Run) -> list[col.Image
     """Coarse pass per image, then shards of windows from one or several images (independent
     chains, so they spread over devices and workers); results point at the window files."""
     settings, work_root, devices = run.settings, run.work_root, run.devices
-    with _gpu_slot():
-        coarse = [coarse_pass.submit(job, settings, work_root, devices[k % len(devices)])
-                  for k, job in enumerate(jobs)]
-    errors, nfe, seconds = {}, {}, {}
-    for job, fut in zip(jobs, coarse):
-        fut.wait()
-        out = fut.result(raise_on_failure=False)
-        if isinstance(out, BaseException):
-            errors[job.relpath] = col.one_line(out)
-        else:
-            nfe[job.relpath], seconds[job.relpath] = out[1], out[2]
+    coarse = _coarse_passes(jobs, run)
+    errors = {relpath: out for relpath, out in coarse.items() if isinstance(out, str)}
+    nfe = {relpath: out[0] for relpath, out in coarse.items() if relpath not in errors}
+    seconds = {relpath: out[1] for relpath, out in coarse.items() if relpath not in errors}
     ready = [job for job in jobs if job.relpath not in errors]
     shards = col.window_batches(ready, run.shard_patches)
     with _gpu_slot():
@@ -460,21 +453,26 @@ def _restore_in_child_runs(todo: list[col.ImageJob], shards: int, collection: di
     _assemble_huge_images(huge, coarse, windows, parts, run, record)
 
 
+def _coarse_passes(jobs: list[col.ImageJob], run: _Run) -> dict[str, tuple[int, float] | str]:
+    """The global pass of each hierarchical image, over this run's devices, into its work folder:
+    {relpath: (NFE, seconds), or the one-line error}."""
+    with _gpu_slot():
+        futures = [coarse_pass.submit(job, run.settings, run.work_root, run.devices[k % len(run.devices)])
+                   for k, job in enumerate(jobs)]
+    coarse = {}
+    for job, fut in zip(jobs, futures):
+        fut.wait()
+        out = fut.result(raise_on_failure=False)
+        coarse[job.relpath] = col.one_line(out) if isinstance(out, BaseException) else (out[1], out[2])
+    return coarse
+
+
 def _split_huge_images(huge: list[col.ImageJob], shards: int, run: _Run):
     """The coarse pass of each huge hierarchical image, here (its windows need it), and the split of
     its windows into `shards` contiguous ranges: ({relpath: (NFE, seconds) or error}, {URI: ranges})."""
-    with _gpu_slot():
-        futures = [coarse_pass.submit(job, run.settings, run.work_root, run.devices[k % len(run.devices)])
-                   for k, job in enumerate(huge)]
-    coarse, windows = {}, {}
-    for job, fut in zip(huge, futures):
-        fut.wait()
-        out = fut.result(raise_on_failure=False)
-        if isinstance(out, BaseException):
-            coarse[job.relpath] = col.one_line(out)
-        else:
-            coarse[job.relpath] = (out[1], out[2])
-            windows[job.source_uri] = col.split_windows(job.n_patches, shards)
+    coarse = _coarse_passes(huge, run)
+    windows = {job.source_uri: col.split_windows(job.n_patches, shards)
+               for job in huge if not isinstance(coarse[job.relpath], str)}
     return coarse, windows
 
 

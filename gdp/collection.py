@@ -390,8 +390,13 @@ def split_windows(n_patches: int, parts: int) -> list[tuple[int, int]]:
 
 
 def write_json(uri: str, value, storage_options: dict | None = None) -> None:
-    """Write a small JSON document in one piece (rename on a local disk; one PUT on object stores)."""
-    data = json.dumps(value).encode()
+    """Write a small JSON document in one piece."""
+    _put_atomic(uri, json.dumps(value).encode(), storage_options)
+
+
+def _put_atomic(uri: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write `data` so that readers see the whole file or none: rename on a local disk; an object
+    store's single PUT already is."""
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     if isinstance(fs, LocalFileSystem):
@@ -564,14 +569,7 @@ def _write_rows(rows: list[dict], uri: str, storage_options: dict | None = None)
     table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    if isinstance(fs, LocalFileSystem):  # rename for atomicity; object stores' single PUT already is
-        tmp = path + ".tmp"
-        fs.pipe_file(tmp, buf.getvalue())
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, buf.getvalue())
+    _put_atomic(uri, buf.getvalue(), storage_options)
 
 
 def summarise(rows: list[dict]) -> dict:

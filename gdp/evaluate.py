@@ -15,7 +15,7 @@ import importlib.util
 import math
 import posixpath
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,19 +136,26 @@ def evaluate_image(x: torch.Tensor, name: str, prior, *, tasks: Sequence[str], s
             for k, shot in enumerate(shots):
                 _write_png(posixpath.join(folder, "observation.png" if len(shots) == 1 else
                                           f"observation-{k + 1}.png"), shot)
-        runs = [lambda n=n, b=b: run_baseline(case, n, b) for n, b in BASELINES.get(task, {}).items()] \
-            if baselines else []
-        runs += [lambda m=m: run_gdp(case, task, prior, mode=m, steps=steps, seed=seed, **restore_options)
-                 for m in guidance]
-        for produce in runs:  # scored at once: a blind operator holds the estimate of the last restore
-            out = produce()
+        first = len(rows)
+        for out in _outputs(case, task, prior, baselines, guidance, steps, seed, restore_options):
+            # scored as it comes: a blind operator holds the estimate of the last restore
             uri = _write_png(posixpath.join(folder, f"{out.method}.png"), out.image) if folder else None
             rows.append({"image": name, "task": task, "method": out.method, "steps": out.steps,
                          **score(case, out.image, lpips), "seconds": out.seconds, "nfe": out.nfe,
                          "prior_id": prior.prior_id, "output": uri})
         if log:
-            log(f"{name} {task}: " + ", ".join(f"{r['method']} {r['psnr']:.2f} dB" for r in rows[-len(runs):]))
+            log(f"{name} {task}: " + ", ".join(f"{r['method']} {r['psnr']:.2f} dB" for r in rows[first:]))
     return rows
+
+
+def _outputs(case: EvalCase, task: str, prior, baselines: bool, guidance: Sequence[str], steps: int, seed: int,
+             restore_options: dict) -> Iterator[MethodOutput]:
+    """Every baseline of the task (if `baselines`), then GDP per guidance mode, one at a time."""
+    if baselines:
+        for name, baseline in BASELINES.get(task, {}).items():
+            yield run_baseline(case, name, baseline)
+    for mode in guidance:
+        yield run_gdp(case, task, prior, mode=mode, steps=steps, seed=seed, **restore_options)
 
 
 def _write_png(uri: str, image: torch.Tensor) -> str:

@@ -108,9 +108,10 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
                 scale = (guidance.max_correction * 2 * n / guide_norm.clamp_min(1e-12)).clamp(max=step_scale)
                 if blind.guides == 1:
                     scale = scale[:, 0]
+            updating = updater is not None and k >= hold * len(chain)  # phi held: no gradients for it
             g, _, grads = guidance_gradient(operator, z, y, scale, n, guidance.color_weight,  # 3. g = -grad L
-                                            guidance.exposure_weight, blind)
-            if updater is not None and k >= hold * len(chain):  # 3b. step(s) on the parameters
+                                            guidance.exposure_weight, blind if updating else None)
+            if updating:  # 3b. step(s) on the parameters
                 updater.step(grads)
                 for _ in range(blind.iters - 1):  # more steps at the same z (the image guidance g is kept)
                     updater.step(guidance_gradient(operator, z, y, scale, n, blind=blind)[2])
