@@ -101,9 +101,17 @@ class WithCoarse(torch.nn.Module):
         k = torch.exp(-0.5 * (t / self.sigma) ** 2)
         k = k / k.sum()
         c = x.shape[1]
-        x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-        x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-        return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+        def blur(v: torch.Tensor, pad: tuple) -> torch.Tensor:
+            v = F.conv2d(v, k.view(1, 1, 1, -1).expand(v.shape[1], 1, 1, -1), padding=pad[0], groups=v.shape[1])
+            return F.conv2d(v, k.view(1, 1, -1, 1).expand(v.shape[1], 1, -1, 1), padding=pad[1], groups=v.shape[1])
+
+        if radius < min(x.shape[-2:]):
+            return blur(F.pad(x, (radius, radius, radius, radius), mode="reflect"), (0, 0))
+        # reflect padding needs radius < side; at 64 MP the coarse scale makes sigma about a window's
+        # size: normalised convolution instead (zero padding, divided by the blur of ones)
+        ones = torch.ones_like(x[:1, :1])
+        return blur(x, ((0, radius), (radius, 0))) / blur(ones, ((0, radius), (radius, 0)))
 
     def A(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.local.A(x).flatten(1), math.sqrt(self.weight) * self.lowpass(x).flatten(1)], dim=1)

@@ -142,3 +142,17 @@ def test_pipeline_pieces_carry_the_blind_estimate(tiny_prior_file, tmp_path, tas
     assert row["status"] == "ok" and json.loads(row["estimated_params_json"]) == expected.params["per_image"][0]
     assert (read_image(job.output_uri).pixels - expected.image).abs().max() <= 1 / 255 + 1e-6
     assert row["consistency_psnr"] == pytest.approx(float(expected.consistency_psnr[0]), abs=0.05)
+
+
+def test_coarse_lowpass_works_when_its_radius_exceeds_the_window():
+    """At 64 MP the coarse scale is ~125, so the lowpass radius (2 sigma) passes a 64-px window:
+    it must still be a normalised blur (constants kept, mean kept) rather than an error."""
+    from gdp.hierarchical import WithCoarse
+    guide = WithCoarse(local=None, sigma=62.5, weight=1.0)
+    const = torch.full((2, 3, 64, 64), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(guide.lowpass(const), const, rtol=0, atol=1e-12)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    low = guide.lowpass(x)
+    assert low.shape == x.shape
+    assert float((low - x.mean(dim=(2, 3), keepdim=True)).abs().max()) < 0.05  # almost the window mean
+    assert float(low.std()) < 0.2 * float(x.std())
