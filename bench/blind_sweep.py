@@ -58,7 +58,7 @@ def run_deblur(x, prior, cfg: dict) -> dict:
     y, kernels = deblur_case(x)
     op = make_operator("blind-deblur", kernel_size=15, lr=cfg["lr"], update_from=cfg["update_from"],
                        iters=cfg.get("iters", 1), passes=cfg.get("passes", 1),
-                       later_update_from=cfg.get("later_update_from", 0.0))
+                       later_update_from=cfg.get("later_update_from", 0.0), sparsity=cfg.get("sparsity", 0.0))
     g = default_guidance("blind-deblur", scale=default_guidance("blind-deblur").scale * cfg.get("scale_x", 1.0))
     r = restore(y, "blind-deblur", prior, operator=op, steps=cfg["steps"], guidance=g, batch_size=64)
     est = op.kernels().detach().cpu()

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dask-workers", type=int, default=2, help="worker processes of the local Dask cluster")
     r.add_argument("--blind", action="store_true", help="deblur: estimate an unknown kernel of --kernel-size")
     r.add_argument("--kernel-lr", type=float, help="deblur --blind: Adam step on the kernel logits")
-    r.add_argument("--kernel-passes", type=int, help="deblur --blind: sampling chains (default 2)")
+    r.add_argument("--kernel-passes", type=int, help="deblur --blind: sampling chains (default 4)")
     t = sub.add_parser("train", help="train a prior (train-prior flow)")
     t.add_argument("data_uri")
     t.add_argument("output_uri")

@@ -63,7 +63,7 @@ class TaskOptions(BaseModel):
     tv_weight: float | None = Field(None, ge=0, description="lowlight: weight of L_TV(M) in the parameter update")
     param_init: Literal["mean", "reference"] | None = None
     kernel_lr: float | None = Field(None, gt=0, description="blind-deblur: Adam step on the kernel logits")
-    kernel_passes: int | None = Field(None, ge=1, le=8, description="blind-deblur: sampling chains (default 2)")
+    kernel_passes: int | None = Field(None, ge=1, le=8, description="blind-deblur: sampling chains (default 4)")
 
 
 class TilingOptions(BaseModel):

@@ -43,9 +43,9 @@ def _add_blind_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("blind tasks (parameters estimated during sampling)")
     g.add_argument("--blind", action="store_true", help="deblur: estimate an unknown kernel of --kernel-size "
                    "(default 15) jointly with the image")
-    g.add_argument("--kernel-lr", type=float, help="deblur --blind: Adam step on the kernel logits (default 0.2)")
-    g.add_argument("--kernel-passes", type=int, help="deblur --blind: sampling chains; the later ones restore with "
-                   "the first chain's kernel fixed (default 2; NFE = passes x steps)")
+    g.add_argument("--kernel-lr", type=float, help="deblur --blind: Adam step on the kernel logits (default 0.1)")
+    g.add_argument("--kernel-passes", type=int, help="deblur --blind: sampling chains; each later one starts from the "
+                   "last kernel estimate and refines it in its last 20%% (default 4; NFE = passes x steps)")
     g.add_argument("--grid", type=int, help="lowlight/hdr: the mask M has grid x grid control values (default 8)")
     g.add_argument("--target-mean", type=float, help="lowlight/hdr: mean brightness the gains start from (default 0.4 / 0.45)")
     g.add_argument("--lr-f", type=float, help="lowlight/hdr: gradient step on the gain f (default 0.1; the authors used 1)")

@@ -4,6 +4,7 @@ with a prior that knows the image, per-image independence in a batch, synthesis 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -77,6 +78,19 @@ def test_blind_kernel_is_a_normalised_non_negative_convolution():
         assert torch.allclose(out[b:b + 1], Deblur(kernel=k[b], mode="same").A(x[b:b + 1]), atol=1e-6)
 
 
+def test_kernel_sparsity_prior_is_the_kernels_entropy():
+    op = make_operator("blind-deblur", kernel_size=5, sparsity=0.5)
+    flat, spike = torch.zeros(1, 25), torch.full((1, 25), -40.0)
+    spike[0, 12] = 0.0
+    pen = op.penalty({"logits": torch.cat([flat, spike])})
+    assert abs(pen[0].item() - 0.5 * math.log(25)) < 1e-6 and abs(pen[1].item()) < 1e-6
+    assert make_operator("blind-deblur", kernel_size=5).penalty({"logits": flat}).item() == 0.0
+    logits = torch.randn(2, 25, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: op.penalty({"logits": v}), (logits,))
+    with pytest.raises(ValueError, match="sparsity"):
+        make_operator("blind-deblur", sparsity=-1)
+
+
 # --------------------------------------------------------------------------------- estimation
 
 
@@ -133,7 +147,7 @@ def test_later_passes_restore_with_the_first_estimate_fixed():
     truth = motion_kernel(7, seed=2)
     y = Deblur(kernel=truth, mode="same").A(x)
     one = _estimate(make_operator("blind-deblur", kernel_size=7, passes=1), x, y, steps=20)
-    op = make_operator("blind-deblur", kernel_size=7, passes=3)  # later_update_from 1.0: kernel fixed
+    op = make_operator("blind-deblur", kernel_size=7, passes=3, later_update_from=1.0)  # kernel fixed
     three = _estimate(op, x, y, steps=20)
     assert three.nfe == 3 * one.nfe == 60
     # chain 1 is the same computation (same seeds), and chains 2 and 3 leave the kernel where it was
