@@ -1,11 +1,15 @@
 """Pipeline overhead: the restore-collection flow against a plain library loop, same images and settings.
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python bench/pipeline.py [--images 8] [--steps 10] [--repeats 3]
+        [--threads N] [--server-pid PID]
 
 Makes N observations (x4 average-pooled crops of a held-out photo, 32x32 -> 128x128 outputs,
 9 patches of the default prior each), then alternates, per repeat: (a) a plain loop of
 read_image -> restore -> write_image, (b) the flow over the same folder (overwrite=True). Reports
-the median wall times, their ratio, and the share of the flow's wall time spent in UNet forwards.
+the median wall times, their ratio, the share of the flow's wall time spent in UNet forwards, the
+UNet seconds of both (the same network calls: any difference is the network running slower inside
+the flow), and with --server-pid the CPU seconds the Prefect server (and its children) used
+during each phase. --threads sets torch's threads for both (default: torch's, one per core).
 `--rss-megapixels 16` instead runs the flow once on one image of that many output megapixels
 (1 step) and reports the process's peak RSS.
 
@@ -165,6 +169,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="default 10 (overhead); 1 with --rss-megapixels")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rss-megapixels", type=float)
+    ap.add_argument("--threads", type=int, help="torch threads for the overhead comparison (both sides)")
+    ap.add_argument("--server-pid", type=int, help="the Prefect server's process id: its CPU seconds per phase")
     ap.add_argument("--tiling", default="auto", help="with --rss-megapixels or --scaling: auto, fused or hierarchical")
     ap.add_argument("--scaling", type=float, nargs="+", help="output megapixels: time and peak RSS per size")
     ap.add_argument("--data", type=Path, default=ROOT / "docs/data/scaling.json")
@@ -191,22 +197,41 @@ def main() -> None:
         print(f"| {side}x{side} ({side * side / 1e6:.1f} MP output) | tiling {args.tiling} | 1 step | {seconds:.0f} s "
               f"| peak RSS {peak:.2f} GiB |")
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     make_inputs(tmp / "in", args.images, 128)
     timer = UNetTimer(col.cached_prior("default", None, "cpu").unet)
     flow_run(tmp / "in", tmp / "warm", 1)  # warm-up: imports, first API calls, model load
-    plain, flows, shares = [], [], []
+    rows = []
     for _ in range(args.repeats):
-        plain.append(plain_loop(tmp / "in", tmp / "plain", args.steps))
-        timer.reset()
-        flows.append(flow_run(tmp / "in", tmp / "flow", args.steps))
-        shares.append(timer.seconds / flows[-1])
-    ratio = [f / p for f, p in zip(flows, plain)]
+        row = {}
+        for kind, run in (("plain", plain_loop), ("flow", flow_run)):
+            timer.reset()
+            server0 = server_cpu_seconds(args.server_pid)
+            row[kind] = run(tmp / "in", tmp / kind, args.steps)
+            row[f"{kind}_unet"] = timer.seconds
+            row[f"{kind}_server_cpu"] = server_cpu_seconds(args.server_pid) - server0
+        rows.append(row)
+        print(json.dumps({k: round(v, 2) for k, v in row.items()}), flush=True)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    ratio = [r["flow"] / r["plain"] for r in rows]
     print(f"images {args.images}, steps {args.steps}, repeats {args.repeats}, threads {torch.get_num_threads()}, "
           f"API {os.environ.get('PREFECT_API_URL', 'ephemeral')}")
-    print("| plain loop (median) | flow (median) | flow / plain (median of per-repeat ratios) | UNet share of flow wall time |")
-    print("|---|---|---|---|")
-    print(f"| {statistics.median(plain):.1f} s | {statistics.median(flows):.1f} s | {statistics.median(ratio):.3f} "
-          f"(runs: {', '.join(f'{r:.3f}' for r in ratio)}) | {statistics.median(shares):.3f} |")
+    print("| torch threads | plain loop (median) | flow (median) | flow / plain (median of per-repeat ratios) | "
+          "UNet share of flow wall time | UNet s plain / flow | server CPU s plain / flow |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {torch.get_num_threads()} | {med['plain']:.1f} s | {med['flow']:.1f} s | {statistics.median(ratio):.3f} "
+          f"(runs: {', '.join(f'{r:.3f}' for r in ratio)}) | {statistics.median(r['flow_unet'] / r['flow'] for r in rows):.3f} "
+          f"| {med['plain_unet']:.1f} / {med['flow_unet']:.1f} | {med['plain_server_cpu']:.1f} / {med['flow_server_cpu']:.1f} |")
+
+
+def server_cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process `pid` and its children (0 without a pid)."""
+    if not pid:
+        return 0.0
+    import psutil
+    proc = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
 
 
 if __name__ == "__main__":

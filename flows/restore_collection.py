@@ -87,7 +87,7 @@ def plan_images(uris: list[str], chunk_index: int, input_uri: str, output_uri: s
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
-      task_run_name="restore-shard-{shard_index}-{device}", tags=["gpu"])
+      task_run_name="restore-shard-{shard_index}-{device}")
 def restore_shard(jobs: list[col.ImageJob], shard_index: int, settings: col.Settings, work_root: str,
                   device: str) -> list[col.ImageResult]:
     logger = get_run_logger()
@@ -99,13 +99,13 @@ def restore_shard(jobs: list[col.ImageJob], shard_index: int, settings: col.Sett
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
-      task_run_name="coarse-pass-{job.relpath}", tags=["gpu"])
+      task_run_name="coarse-pass-{job.relpath}")
 def coarse_pass(job: col.ImageJob, settings: col.Settings, work_root: str, device: str) -> tuple[str, int, float]:
     return col.coarse_pass(job, settings, work_root, device)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
-      task_run_name="restore-windows-{shard_index}-{device}", tags=["gpu"])
+      task_run_name="restore-windows-{shard_index}-{device}")
 def restore_windows(batches: list[col.WindowBatch], shard_index: int, settings: col.Settings, work_root: str,
                     device: str) -> list[tuple[str, str, int, float]]:
     get_run_logger().info(f"window shard {shard_index}: " + ", ".join(
