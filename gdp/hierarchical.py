@@ -167,6 +167,19 @@ def coarse_up(coarse: torch.Tensor, plan: HierarchicalPlan) -> torch.Tensor:
     return up[..., :plan.height, :plan.width]
 
 
+def coarse_window(coarse: torch.Tensor, plan: HierarchicalPlan, window: Window) -> torch.Tensor:
+    """`coarse_up(coarse, plan)[0][window]` `[C, P, P]` without upsampling the whole image: the
+    coarse pixels under the window plus one on each side (bilinear reads two neighbours; the
+    sampling positions of an integer scale are the same in the crop), upsampled and cropped."""
+    s, (n_rows, n_cols) = plan.scale, coarse.shape[-2:]
+    r0, c0 = max(0, window.top // s - 1), max(0, window.left // s - 1)
+    r1 = min(n_rows, (window.bottom - 1) // s + 2)
+    c1 = min(n_cols, (window.right - 1) // s + 2)
+    up = F.interpolate(coarse[..., r0:r1, c0:c1], scale_factor=s, mode="bilinear", align_corners=False)
+    top, left = window.top - r0 * s, window.left - c0 * s
+    return up[0, :, top:top + window.size, left:left + window.size]
+
+
 def restore_windows(y: torch.Tensor, op: Operator, prior, plan: HierarchicalPlan, coarse: torch.Tensor,
                     indices: list[int], steps: int, seed: int, guidance, batch_size: int = 8,
                     coarse_weight: float | None = None, local_norm: float | None = None) -> tuple[torch.Tensor, int]:
@@ -178,7 +191,7 @@ def restore_windows(y: torch.Tensor, op: Operator, prior, plan: HierarchicalPlan
     only steers what the observation leaves open.
     """
     from gdp.sampling import gdp_sample
-    up = coarse_up(coarse.to(y.device), plan)
+    coarse = coarse.to(y.device)
     c = prior.spec.unet.in_channels
     # norms from one window, so that a window's result never depends on its batch-mates
     if local_norm is None:
@@ -192,7 +205,7 @@ def restore_windows(y: torch.Tensor, op: Operator, prior, plan: HierarchicalPlan
         local, y_local = localize(op, y, windows)
         guide = WithCoarse(local, sigma=max(1.0, plan.scale / 2), weight=coarse_weight)
         target = torch.cat([y_local.flatten(1),
-                            math.sqrt(coarse_weight) * guide.lowpass(torch.stack([up[0][w.index] for w in windows])).flatten(1)], 1)
+                            math.sqrt(coarse_weight) * guide.lowpass(torch.stack([coarse_window(coarse, plan, w) for w in windows])).flatten(1)], 1)
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (k + 1)) for k in chunk]
         result = gdp_sample(prior.denoiser(), guide, target, steps, guidance=guidance, generators=gens,
                             x_shape=(len(chunk), c, plan.patch, plan.patch), norm_sq=local_norm + coarse_weight)

@@ -156,3 +156,17 @@ def test_coarse_lowpass_works_when_its_radius_exceeds_the_window():
     assert low.shape == x.shape
     assert float((low - x.mean(dim=(2, 3), keepdim=True)).abs().max()) < 0.05  # almost the window mean
     assert float(low.std()) < 0.2 * float(x.std())
+
+
+@pytest.mark.parametrize("height,width,patch,stride", [(88, 72, 32, 24), (200, 136, 32, 24), (257, 300, 64, 48)])
+def test_coarse_window_equals_the_window_of_the_whole_upsampled_coarse_image(height, width, patch, stride):
+    """Windows read the coarse guide from their own crop (no full-size upsampling per batch, which
+    made 64 MP quadratic): the values match the whole upsampled image's window."""
+    from gdp.hierarchical import coarse_up, coarse_window
+    plan = plan_hierarchical(height, width, patch, stride)
+    ch, cw = plan.coarse_size
+    coarse = torch.rand(1, 3, ch, cw, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    up = coarse_up(coarse, plan)
+    assert plan.scale >= 1 and len(plan.windows) > 4
+    for w in plan.windows:
+        torch.testing.assert_close(coarse_window(coarse, plan, w), up[0][w.index], rtol=0, atol=1e-12)
