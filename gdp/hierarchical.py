@@ -100,7 +100,6 @@ class WithCoarse(torch.nn.Module):
         t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
         k = torch.exp(-0.5 * (t / self.sigma) ** 2)
         k = k / k.sum()
-        c = x.shape[1]
 
         def blur(v: torch.Tensor, pad: tuple) -> torch.Tensor:
             v = F.conv2d(v, k.view(1, 1, 1, -1).expand(v.shape[1], 1, 1, -1), padding=pad[0], groups=v.shape[1])
@@ -162,15 +161,11 @@ def global_pass(y: torch.Tensor, op: Operator, prior, plan: HierarchicalPlan, st
     return (result.x0 + 1) / 2, result.nfe
 
 
-def coarse_up(coarse: torch.Tensor, plan: HierarchicalPlan) -> torch.Tensor:
-    up = F.interpolate(coarse, scale_factor=plan.scale, mode="bilinear", align_corners=False)
-    return up[..., :plan.height, :plan.width]
-
-
 def coarse_window(coarse: torch.Tensor, plan: HierarchicalPlan, window: Window) -> torch.Tensor:
-    """`coarse_up(coarse, plan)[0][window]` `[C, P, P]` without upsampling the whole image: the
-    coarse pixels under the window plus one on each side (bilinear reads two neighbours; the
-    sampling positions of an integer scale are the same in the crop), upsampled and cropped."""
+    """The window `[C, P, P]` of the coarse result upsampled as the global pass sees it
+    (`Upsampled.upsample`), without upsampling the whole image: the coarse pixels under the window
+    plus one on each side (bilinear reads two neighbours; the sampling positions of an integer
+    scale are the same in the crop), upsampled and cropped."""
     s, (n_rows, n_cols) = plan.scale, coarse.shape[-2:]
     r0, c0 = max(0, window.top // s - 1), max(0, window.left // s - 1)
     r1 = min(n_rows, (window.bottom - 1) // s + 2)

@@ -162,11 +162,11 @@ def test_coarse_lowpass_works_when_its_radius_exceeds_the_window():
 def test_coarse_window_equals_the_window_of_the_whole_upsampled_coarse_image(height, width, patch, stride):
     """Windows read the coarse guide from their own crop (no full-size upsampling per batch, which
     made 64 MP quadratic): the values match the whole upsampled image's window."""
-    from gdp.hierarchical import coarse_up, coarse_window
+    from gdp.hierarchical import Upsampled, coarse_window
     plan = plan_hierarchical(height, width, patch, stride)
     ch, cw = plan.coarse_size
     coarse = torch.rand(1, 3, ch, cw, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    up = coarse_up(coarse, plan)
+    up = Upsampled(None, plan.scale, plan.height, plan.width).upsample(coarse)
     assert plan.scale >= 1 and len(plan.windows) > 4
     for w in plan.windows:
         torch.testing.assert_close(coarse_window(coarse, plan, w), up[0][w.index], rtol=0, atol=1e-12)
