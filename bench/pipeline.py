@@ -45,6 +45,7 @@ from speed import UNetTimer  # noqa: E402
 from gdp import collection as col  # noqa: E402
 from gdp.io import read_image, write_image  # noqa: E402
 from gdp.operators import degrade, make_operator  # noqa: E402
+from gdp.progress import ProgressBar  # noqa: E402
 from gdp.restore import restore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +93,8 @@ def one_run(obs: Path, out: Path, steps: int, tiling: str) -> dict:
     timer = UNetTimer(prior.unet)
     t0, c0 = time.perf_counter(), time.process_time()
     y = read_image(str(obs)).pixels
-    r = restore(y, "sr", prior, factor=4, steps=steps, seed=[0], tiling=tiling)
+    bar = ProgressBar(steps, f"{obs.name} x4")  # on stderr, a line per 10% (scaling passes it through)
+    r = restore(y, "sr", prior, factor=4, steps=steps, seed=[0], tiling=tiling, callback=bar)
     write_image(str(out), r.image)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"megapixels": r.image.shape[-1] * r.image.shape[-2] / 1e6, "side": r.image.shape[-1], "steps": steps,
@@ -118,7 +120,7 @@ def scaling(sizes: list[float], steps: int, repeats: int, tiling: str, data: Pat
         for k in range(repeats):
             cmd = [sys.executable, __file__, "--one", str(obs), str(tmp / "out.png"), "--steps", str(steps),
                    "--tiling", tiling]
-            rows.append({**json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout), **meta})
+            rows.append({**json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout), **meta})
             runs.append(rows[-1])
             data.parent.mkdir(parents=True, exist_ok=True)
             data.write_text(json.dumps(runs, indent=1))

@@ -147,8 +147,9 @@ def localize(op: Operator, y: torch.Tensor, windows: list[Window]) -> tuple[torc
 
 
 def global_pass(y: torch.Tensor, op: Operator, prior, plan: HierarchicalPlan, steps: int, seed: int, guidance,
-                batch_size: int = 8) -> tuple[torch.Tensor, int]:
-    """Coarse restoration `[1, C, Hc, Wc]` in [0, 1] (fused over its own patches) and its NFE."""
+                batch_size: int = 8, callback=None) -> tuple[torch.Tensor, int]:
+    """Coarse restoration `[1, C, Hc, Wc]` in [0, 1] (fused over its own patches) and its NFE.
+    `callback(step, steps)` after each step."""
     from gdp.sampling import FusedDenoiser, gdp_sample
     hc, wc = plan.coarse_size
     c = prior.spec.unet.in_channels
@@ -157,7 +158,7 @@ def global_pass(y: torch.Tensor, op: Operator, prior, plan: HierarchicalPlan, st
         denoiser = FusedDenoiser(denoiser, hc, wc, plan.patch, plan.stride, batch_size=batch_size)
     guide = Upsampled(op, plan.scale, plan.height, plan.width)
     result = gdp_sample(denoiser, guide, y, steps, guidance=guidance, generators=[torch.Generator().manual_seed(seed)],
-                        x_shape=(1, c, hc, wc))
+                        x_shape=(1, c, hc, wc), callback=callback)
     return (result.x0 + 1) / 2, result.nfe
 
 

@@ -179,9 +179,17 @@ def restore(y: torch.Tensor, task: str, prior: Prior, *, operator: Operator | No
         if canvas[2:] != (height, width):
             raise ValueError(f"hierarchical tiling needs an image of at least one patch, got {height}x{width}")
         runs, params = [], []
+        # progress in patch-steps: each window takes `steps`, the coarse pass one per step
+        done, total = 0, b * samples * steps * (plan["n_patches"] + 1)
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if callback:
+                callback(done, total)
         for k in range(b):
             runs.append(_hierarchical(y[k:k + 1], op, prior, seeds[k], steps, guidance, samples, batch_size, patch,
-                                      stride, align, blend))
+                                      stride, align, blend, advance))
             params.append(op.params if getattr(op, "blind", False) else None)
         image, nfe = torch.cat([r[0] for r in runs]), runs[0][1]
         if getattr(op, "blind", False):  # every image's estimate, for the consistency check and the report
@@ -214,8 +222,9 @@ def _fused_or_single(y, op, prior, plan, canvas, seeds, steps, guidance, samples
     return (total / samples).clamp(0, 1), nfe
 
 
-def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patch, stride, align, blend):
+def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patch, stride, align, blend, advance):
     """Global coarse pass, then independent windows streamed into a merger: (image [1, C, H, W], NFE).
+    `advance(n)` is told the patch-steps done: one per coarse step, `steps` per window.
 
     Memory: the output plus one row of windows (StreamingMerger), whatever the image size.
     """
@@ -228,7 +237,13 @@ def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patc
     total, nfe = 0, 0
     for k in range(samples):
         sample_seed = seed + 1_000_003 * k
-        coarse, n = global_pass(y, op, prior, plan, steps, sample_seed, guidance, batch_size)
+        seen = 0
+
+        def coarse_step(i: int, m: int) -> None:  # m > steps when a blind operator runs several chains
+            nonlocal seen
+            advance(steps * i // m - seen)
+            seen = steps * i // m
+        coarse, n = global_pass(y, op, prior, plan, steps, sample_seed, guidance, batch_size, callback=coarse_step)
         if blind:
             local_norm = window_norm_sq(op, y, plan, prior.spec.unet.in_channels)
         merger = StreamingMerger(height, width, prior.spec.unet.in_channels, plan.patch, plan.stride, blend,
@@ -240,6 +255,7 @@ def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patc
             for index, p in zip(indices, patches):
                 merger.add(merger.windows[index], p)
             n += n_windows
+            advance(len(indices) * steps)
         total = total + merger.finish()[None]
         nfe += n
     return (total / samples).clamp(0, 1), nfe

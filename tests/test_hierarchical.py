@@ -69,6 +69,24 @@ def test_hierarchical_restore_end_to_end(tiny_prior):
     assert result.consistency_psnr.item() > 20
 
 
+@pytest.mark.parametrize("task,opts", [("sr", {"factor": 2}), ("blind-deblur", {"kernel_size": 5})])
+def test_hierarchical_restore_reports_progress_to_the_end(tiny_prior, task, opts):
+    """The callback counts patch-steps: 1 per coarse step and `steps` per window, for every image
+    and sample, rising to exactly its total (a blind operator's several coarse chains included)."""
+    torch.manual_seed(2)
+    y = torch.rand(2, 3, 40, 36) if task == "sr" else torch.rand(2, 3, 80, 72)
+    calls = []
+    r = restore(y, task, tiny_prior, steps=3, samples=2, tiling="hierarchical", guidance=Guidance(scale=8000),
+                callback=lambda done, total: calls.append((done, total)), **opts)
+    n_windows = r.tiling["n_patches"]
+    total = 2 * 2 * 3 * (n_windows + 1)
+    assert {t for _, t in calls} == {total}
+    assert calls[-1][0] == total and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    # per image and sample: a call per coarse step (of each of the blind operator's chains) and per batch of windows
+    chains = 1 if task == "sr" else make_operator(task, **opts).passes
+    assert len(calls) == 2 * 2 * (3 * chains + -(-n_windows // 8))
+
+
 @pytest.mark.parametrize("mode", ["fused", "hierarchical"])
 def test_no_visible_seams_on_a_real_photo(mode):
     """Seam ratio r(O) of a x4 restoration of a held-out photo stays within 10% of r(ground truth)."""
