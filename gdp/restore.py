@@ -191,7 +191,7 @@ def restore(y: torch.Tensor, task: str, prior: Prior, *, operator: Operator | No
             runs.append(_hierarchical(y[k:k + 1], op, prior, seeds[k], steps, guidance, samples, batch_size, patch,
                                       stride, align, blend, advance))
             params.append(op.params if getattr(op, "blind", False) else None)
-        image, nfe = torch.cat([r[0] for r in runs]), runs[0][1]
+        image, nfe = runs[0][0] if b == 1 else torch.cat([r[0] for r in runs]), runs[0][1]  # no copy of one image
         if getattr(op, "blind", False):  # every image's estimate, for the consistency check and the report
             op.bind({name: torch.cat([p[name] for p in params]) for name in params[0]})
     else:
@@ -234,7 +234,7 @@ def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patc
     plan = plan_hierarchical(height, width, patch or prior.image_size, stride, align)
     blind = getattr(op, "blind", False)  # its windows' norm depends on the global pass's estimate
     local_norm = None if blind else window_norm_sq(op, y, plan, prior.spec.unet.in_channels)
-    total, nfe = 0, 0
+    total, nfe = None, 0
     for k in range(samples):
         sample_seed = seed + 1_000_003 * k
         seen = 0
@@ -256,6 +256,7 @@ def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patc
                 merger.add(merger.windows[index], p)
             n += n_windows
             advance(len(indices) * steps)
-        total = total + merger.finish()[None]
+        image = merger.finish()[None]
+        total = image if total is None else total.add_(image)  # in place: no full-size copies at 64 MP
         nfe += n
-    return (total / samples).clamp(0, 1), nfe
+    return total.div_(samples).clamp_(0, 1), nfe
