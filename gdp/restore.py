@@ -234,15 +234,12 @@ def _hierarchical(y, op, prior, seed, steps, guidance, samples, batch_size, patc
     plan = plan_hierarchical(height, width, patch or prior.image_size, stride, align)
     blind = getattr(op, "blind", False)  # its windows' norm depends on the global pass's estimate
     local_norm = None if blind else window_norm_sq(op, y, plan, prior.spec.unet.in_channels)
+    def coarse_step(i: int, m: int) -> None:  # step i of m (m > steps when a blind operator runs several chains)
+        advance(steps * i // m - steps * (i - 1) // m)
+
     total, nfe = None, 0
     for k in range(samples):
         sample_seed = seed + 1_000_003 * k
-        seen = 0
-
-        def coarse_step(i: int, m: int) -> None:  # m > steps when a blind operator runs several chains
-            nonlocal seen
-            advance(steps * i // m - seen)
-            seen = steps * i // m
         coarse, n = global_pass(y, op, prior, plan, steps, sample_seed, guidance, batch_size, callback=coarse_step)
         if blind:
             local_norm = window_norm_sq(op, y, plan, prior.spec.unet.in_channels)
