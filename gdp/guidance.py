@@ -48,12 +48,31 @@ class Guidance:
     step_rule: Literal["constant-total", "paper"] = "constant-total"
     size_rule: Literal["per-pixel", "paper"] = "per-pixel"
     max_correction: float | None = 1.0  # cap on the per-step pull (fraction of a full correction)
+    # The data step (see `consistent_x0`): the paper's capped gradient step on x0_hat ("gradient"),
+    # `cg_iters` conjugate-gradient iterations on the regularised data term from x0_hat ("cg"), or
+    # its closed form for row-orthogonal operators ("project": range/null-space split; others: cg).
+    data_step: Literal["gradient", "cg", "project"] = "gradient"
+    cg_iters: int = 5
+    sigma_y: float = 0.0  # std of the observation's noise, [0, 1] units
+    prox: float = 1.0  # lambda of the proximal weight rho_t = lambda (2 sigma_eff)^2 / sigma_bar_t^2
+    # Re-noising after a solved data step: None keeps the prior's posterior q(x_{t-1} | x_t, x0~)
+    # (as GDP); zeta in [0, 1] is DiffPIR's mix of the implied noise (0, DDIM) and fresh noise (1).
+    zeta: float | None = None
 
     def __post_init__(self):
         if self.mode not in ("x0", "xt"):
             raise ValueError(f"unknown guidance mode {self.mode!r}: use 'x0' or 'xt'")
         if self.scale < 0:
             raise ValueError("guidance scale must be >= 0")
+        if self.data_step not in ("gradient", "cg", "project"):
+            raise ValueError(f"unknown data step {self.data_step!r}: use 'gradient', 'cg' or 'project'")
+        if self.data_step != "gradient" and self.mode != "x0":
+            raise ValueError(f"the {self.data_step!r} data step works on x0_hat: use mode 'x0'")
+        if not (0 <= self.sigma_y <= 1) or self.prox < 0 or self.cg_iters < 1:
+            raise ValueError(f"need 0 <= sigma_y <= 1, prox >= 0 and cg_iters >= 1, got sigma_y={self.sigma_y}, "
+                             f"prox={self.prox}, cg_iters={self.cg_iters}")
+        if self.zeta is not None and not 0 <= self.zeta <= 1:
+            raise ValueError(f"zeta must be in [0, 1] (or None for the posterior), got {self.zeta}")
 
     def step_scale(self, steps: int) -> float:
         """s applied at each of `steps` steps."""
@@ -163,3 +182,70 @@ def guidance_gradient(operator, z: torch.Tensor, y: torch.Tensor, scale: float |
             param_grads = {k: torch.zeros_like(v) if gk is None else gk for (k, v), gk in zip(params.items(), grads)}
             blind.bind({k: v.detach() for k, v in params.items()})
     return -grad, sq.detach() / y[0].numel(), param_grads
+
+
+# ---------------------------------------------------------------------------- solved data steps
+
+# Quantisation to 8 bits is noise of std 1/(255 sqrt(12)) even in a "noiseless" observation: it
+# keeps the proximal weight positive, so a solve never amplifies it without bound.
+QUANTISATION_SIGMA = 1.0 / (255.0 * 12 ** 0.5)
+
+
+def adjoint(operator, r: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+    """A^T r `[B, C, H, W]`: the operator's closed-form adjoint, else autograd's vector-Jacobian
+    product through `operator.A` (exact for the linear wrappers: crops, upsampling, window masks)."""
+    if getattr(operator, "linear", False) and hasattr(operator, "A_adjoint"):
+        return operator.A_adjoint(r, x_shape=x_shape)
+    with torch.enable_grad():
+        x = torch.zeros(x_shape, device=r.device, dtype=r.dtype, requires_grad=True)
+        (g,) = torch.autograd.grad(operator.A(x), x, grad_outputs=r)
+    return g
+
+
+def proximal_weight(guidance: Guidance, sigma_bar_sq: float) -> float:
+    """rho_t of DiffPIR (Zhu et al. 2023, eq. 13) in [0, 1] units: lambda (2 sigma_y)^2 / sigma_bar_t^2,
+    sigma_bar_t^2 = (1 - alpha_bar_t) / alpha_bar_t the variance of x0_hat's error in [-1, 1] units."""
+    sigma_eff_sq = guidance.sigma_y ** 2 + QUANTISATION_SIGMA ** 2
+    return guidance.prox * 4 * sigma_eff_sq / sigma_bar_sq
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image inner product `[B, 1, 1, 1]`."""
+    return (a * b).flatten(1).sum(dim=1).view(-1, 1, 1, 1)
+
+
+def conjugate_gradient(operator, x0: torch.Tensor, y: torch.Tensor, rho: float, iters: int) -> torch.Tensor:
+    """`iters` CG iterations on (A^T A + rho I) x = A^T y + rho x0 from x = x0, per image (all in [0, 1]).
+    The system is the normal equation of argmin_x |A x - y|^2 + rho |x - x0|^2; a few iterations
+    fit the well-conditioned part first, so stopping early regularises as well (DDS, Chung et al. 2024)."""
+    x_shape = tuple(x0.shape)
+    x = x0
+    r = adjoint(operator, y - operator.A(x0), x_shape)  # b - M x0: the rho terms cancel at x0
+    p, rs = r, _dot(r, r)
+    for _ in range(iters):
+        mp = adjoint(operator, operator.A(p), x_shape) + rho * p
+        alpha = rs / _dot(p, mp).clamp_min(1e-30)
+        x = x + alpha * p
+        r = r - alpha * mp
+        rs_next = _dot(r, r)
+        p = r + (rs_next / rs.clamp_min(1e-30)) * p
+        rs = rs_next
+    return x
+
+
+def project(operator, x0: torch.Tensor, y: torch.Tensor, rho: float, c: float) -> torch.Tensor:
+    """Closed-form argmin_x |A x - y|^2 + rho |x - x0|^2 for A A^T = c I (`Operator.gram_scalar`):
+    x0 + A^T (y - A x0) / (c + rho). At rho = 0 it is DDNM's range/null-space split, A^+ y + (I - A^+ A) x0."""
+    return x0 + adjoint(operator, y - operator.A(x0), tuple(x0.shape)) / (c + rho)
+
+
+def consistent_x0(operator, x0_hat: torch.Tensor, y: torch.Tensor, guidance: Guidance, sigma_bar_sq: float) -> torch.Tensor:
+    """x0~ in [-1, 1]: x0_hat moved to (near) agreement with y by the solved data step."""
+    rho = proximal_weight(guidance, sigma_bar_sq)
+    x0 = (x0_hat + 1) / 2
+    c = operator.gram_scalar() if guidance.data_step == "project" and hasattr(operator, "gram_scalar") else None
+    if c is not None:
+        x = project(operator, x0, y, rho, c)
+    else:
+        x = conjugate_gradient(operator, x0, y, rho, guidance.cg_iters)
+    return (2 * x - 1).clamp(-1, 1)

@@ -78,7 +78,7 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
     runs that many chains (fresh noise each), every later one starting from the previous estimate
     and holding it for `later_update_from` of the chain (1: fixed); the last chain's image is returned.
     """
-    from gdp.guidance import blind_part, guidance_gradient, normaliser, operator_norm_sq
+    from gdp.guidance import blind_part, consistent_x0, guidance_gradient, normaliser, operator_norm_sq
 
     t0 = time.perf_counter()
     x_shape = tuple(x_shape or operator.x_shape(tuple(y.shape)))
@@ -86,12 +86,16 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
     n = normaliser(operator, y, x_shape, guidance.size_rule)
     step_scale = guidance.step_scale(len(chain))
     blind = blind_part(operator)
+    solved = guidance.data_step != "gradient"
+    if blind is not None and solved:
+        raise ValueError(f"the {guidance.data_step!r} data step needs a linear operator; blind tasks estimate "
+                         "their parameters with the paper's gradient step (data step 'gradient')")
     passes = blind.passes if blind is not None else 1
     if blind is not None:
         blind.bind(blind.init_params(y, x_shape))
         wrapper_norm = wrapper_norm_sq(operator, x_shape, y.device)
     scale = step_scale
-    if guidance.max_correction and blind is None:  # never overshoot the observation in one step (gdp.guidance)
+    if guidance.max_correction and blind is None and not solved:  # never overshoot y in one step (gdp.guidance)
         norm_sq = norm_sq or operator_norm_sq(operator, x_shape, y.device)
         scale = min(step_scale, guidance.max_correction * 2 * n / norm_sq)
     nfe = getattr(denoiser, "nfe_per_call", 1)
@@ -102,6 +106,13 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
         x = randn_per_image(x_shape[1:], generators, y.device)  # 1. x_T ~ N(0, I)
         for k, i in enumerate(reversed(range(len(chain)))):
             out = denoiser.predict(x, i, chain)  # 2. eps, x0_hat, mu, Sigma from the prior
+            if solved:  # 3-5 with the data term solved on x0_hat instead of stepped (gdp.guidance)
+                x0 = consistent_x0(operator, out.x0_hat, y, guidance, chain.sigma_bar_sq(i))
+                noise = randn_per_image(x_shape[1:], generators, x.device) if i > 0 else None
+                x = renoise(x, x0, out, i, chain, guidance.zeta, noise)
+                if callback:
+                    callback(p * len(chain) + k + 1, total)
+                continue
             z = out.x0_hat if guidance.mode == "x0" else x
             if blind is not None and guidance.max_correction:  # per image and guide: ||A_phi||^2 changes with phi
                 guide_norm = wrapper_norm * blind.guide_norm_sq(blind.params) * blind.guides  # [B, K]
@@ -125,6 +136,24 @@ def gdp_sample(denoiser: PredictsPrior, operator, y: torch.Tensor, steps: int, *
         mse = (operator.A((x + 1) / 2) - y).square().flatten(1).mean(dim=1)
     params = {k: v.detach() for k, v in blind.params.items()} if blind is not None else {}
     return GDPResult(x, mse, nfe * total, time.perf_counter() - t0, params)
+
+
+def renoise(x_t: torch.Tensor, x0: torch.Tensor, out: PriorOutput, i: int, chain: Chain, zeta: float | None,
+            noise: torch.Tensor | None) -> torch.Tensor:
+    """x_{t-1} from x_t and a data-consistent x0~ (`noise` None at the last step).
+
+    zeta None: the posterior q(x_{t-1} | x_t, x0~) with the prior's variance (GDP's step with x0~
+    for x0_hat). zeta in [0, 1]: DiffPIR (Zhu et al. 2023, eq. 15), sqrt(alpha_bar_{t-1}) x0~ +
+    sqrt(1 - alpha_bar_{t-1}) (sqrt(1 - zeta) eps~ + sqrt(zeta) z), eps~ the noise x_t implies for x0~.
+    """
+    if zeta is None:
+        x = chain.coef_x0[i] * x0 + chain.coef_xt[i] * x_t
+        return x if noise is None else x + torch.exp(0.5 * out.log_variance) * noise
+    if noise is None:
+        return x0
+    eps = (x_t - chain.sqrt_alpha_bar[i] * x0) / chain.sqrt_one_minus_alpha_bar[i]
+    ab_prev = chain.sqrt_alpha_bar[i - 1] ** 2
+    return ab_prev ** 0.5 * x0 + (1 - ab_prev) ** 0.5 * ((1 - zeta) ** 0.5 * eps + zeta ** 0.5 * noise)
 
 
 class ParamUpdater:

@@ -60,6 +60,12 @@ class Operator(nn.Module):
         """Cheap pseudo-inverse / initialisation: observation -> image of shape `x_shape`."""
         raise NotImplementedError
 
+    def gram_scalar(self) -> float | None:
+        """c where `A A^T = c I` on the observations (row-orthogonal A), else None. Such an
+        operator's regularised data step has a closed form (`gdp.guidance.project`):
+        argmin_x |A x - y|^2 + rho |x - x0|^2 = x0 + A^T (y - A x0) / (c + rho)."""
+        return None
+
     def y_shape(self, x_shape: Shape) -> Shape:
         """Shape of `A(x)` for an `x` of shape `(B, C, H, W)`; raises ValueError if impossible."""
         raise NotImplementedError

@@ -114,6 +114,9 @@ class SuperResolution(Operator):
             return self._replicate(y)
         return self._pinv_matrix(h, y) @ y @ self._pinv_matrix(w, y).transpose(0, 1)
 
+    def gram_scalar(self) -> float | None:
+        return 1.0 / self.factor**2 if self.filter == "avgpool" else None
+
     def _replicate(self, y: Tensor) -> Tensor:
         """Nearest-neighbour upsampling: each pixel becomes a `factor x factor` block."""
         return y.repeat_interleave(self.factor, dim=-2).repeat_interleave(self.factor, dim=-1)
@@ -357,6 +360,10 @@ class Inpaint(Operator):
         self._target_shape(y, x_shape)
         return self.A(y)
 
+    def gram_scalar(self) -> float | None:
+        """A A^T = diag(mask): the identity on every observation A can produce (zero where missing)."""
+        return 1.0
+
     def _mask_hw(self, h: int, w: int) -> Tensor:
         """float64 CPU `[h, w]` mask, built once per size."""
         h, w = int(h), int(w)
@@ -422,6 +429,9 @@ class Colorize(Operator):
 
     def A_dagger(self, y: Tensor, *, x_shape: Shape | None = None) -> Tensor:
         return self.A_adjoint(y, x_shape=x_shape) / float(self.weights.square().sum())
+
+    def gram_scalar(self) -> float | None:
+        return float(self.weights.square().sum())
 
     def _w(self, like: Tensor) -> Tensor:
         """Weights `[1, C, 1, 1]` on `like`'s device/dtype."""

@@ -49,6 +49,10 @@ class Chain:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def sigma_bar_sq(self, i: int) -> float:
+        """(1 - alpha_bar) / alpha_bar at step i: the variance of x0_hat's error, [-1, 1] units."""
+        return (self.sqrt_one_minus_alpha_bar[i] / self.sqrt_alpha_bar[i]) ** 2
+
 
 class Denoiser:
     """Wraps `model(x_t, t) -> eps` (or `[eps, v]` with learned sigma) and its training schedule."""
