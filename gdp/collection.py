@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -93,11 +95,72 @@ def discover(input_uri: str, pattern: str = "**/*", max_images: int | None = Non
 
 
 def join_uri(base: str, *parts: str) -> str:
-    return posixpath.join(base.rstrip("/"), *parts)
+    return posixpath.join(base.rstrip("/") or base[:1], *parts)
+
+
+# First path segments that belong to the pipeline under an output root: no input may write there.
+RESERVED_NAMES = frozenset({MANIFEST_DIR, WORK_DIR})
+
+
+class UnsafePathError(ValueError):
+    """An input's relative path that would write outside the output root, or into its reserved folders."""
+
+
+def unsafe_relpath(relpath: str) -> str:
+    """Why `relpath` may not be joined to an output root ('' when it may).
+
+    Only canonical relative paths pass: no leading '/', no empty, '.' or '..' segment, no
+    backslash (a separator on Windows), no control character, no drive letter, not under a
+    reserved folder. That refuses every path that normalises outside the root on any backend (a
+    local disk, S3 and other object stores, where such keys are legal), and every path that
+    normalises to another input's output."""
+    if not relpath:
+        return "its relative path is empty"
+    if relpath.startswith("/"):
+        return "its relative path is absolute"
+    if any(ord(c) < 32 or ord(c) == 127 for c in relpath):
+        return "its relative path holds a control character"
+    if "\\" in relpath:
+        return "its relative path holds a backslash"
+    segments = relpath.split("/")
+    if ".." in segments:
+        return "its relative path has a '..' segment"
+    if "." in segments or "" in segments:
+        return "its relative path is not canonical (an empty or '.' segment)"
+    if re.match(r"^[A-Za-z]:", segments[0]):
+        return "its relative path starts with a drive letter"
+    if segments[0] in RESERVED_NAMES:
+        return f"its relative path is inside the reserved folder {segments[0]}/"
+    return ""
 
 
 def output_uri_for(output_root: str, relpath: str) -> str:
-    return join_uri(output_root, relpath)
+    """The one place where an output location is made: the root joined with a checked relative path.
+
+    Raises UnsafePathError for a relative path that `unsafe_relpath` refuses, and (belt and braces)
+    for a joined path that does not normalise to below the root, or that resolves outside it
+    through a symbolic link already present in a local output tree."""
+    problem = unsafe_relpath(relpath)
+    if problem:
+        raise UnsafePathError(f"{problem} ({relpath!r}); nothing is written for it")
+    uri = join_uri(output_root, relpath)
+    protocol, root = fsspec.core.split_protocol(output_root)
+    _, path = fsspec.core.split_protocol(uri)
+    root = posixpath.normpath(root or "/")
+    if not _below(posixpath.normpath(path), root):
+        raise UnsafePathError(f"{relpath!r} normalises outside the output root {output_root}")
+    if protocol in (None, "file", "local"):  # a link already in the output tree must not lead out of it
+        root, parent = os.path.abspath(root), os.path.dirname(os.path.abspath(path))
+        while not os.path.lexists(parent) and _below(parent, root):
+            parent = os.path.dirname(parent)
+        if _below(parent, root) and not _below(os.path.realpath(parent), os.path.realpath(root), equal=True):
+            raise UnsafePathError(f"{relpath!r} leads outside the output root {output_root} through a symbolic link")
+    return uri
+
+
+def _below(path: str, root: str, equal: bool = False) -> bool:
+    """Whether normalised `path` is strictly below normalised `root` (or equal to it, with `equal`)."""
+    return (equal and path == root) or path.startswith(root.rstrip("/") + "/")
 
 
 def sha256_uri(uri: str, storage_options: dict | None = None, chunk: int = 1 << 20) -> str:
@@ -113,9 +176,12 @@ def plan_image(uri: str, input_uri: str, output_root: str, settings: Settings, n
     """Header-only plan of one input (size, patches) plus its content hash; failures become a failed job."""
     from gdp.operators import make_operator
     from gdp.restore import plan_tiling
-    rel = relative_path(input_uri, uri) if uri != input_uri else posixpath.basename(uri)
-    job = ImageJob(uri, rel, output_uri_for(output_root, rel))
+    rel = ""
+    job = ImageJob(uri, rel, "")
     try:
+        rel = relative_path(input_uri, uri) if uri != input_uri else posixpath.basename(uri)
+        job = ImageJob(uri, rel, "")
+        job = replace(job, output_uri=output_uri_for(output_root, rel))
         kwargs = {"max_pixels": max_pixels} if max_pixels else {}
         info = read_info(uri, **kwargs, **settings.storage_options)
         sha = sha256_uri(uri, settings.storage_options)
@@ -123,6 +189,8 @@ def plan_image(uri: str, input_uri: str, output_root: str, settings: Settings, n
         _, _, h, w = op.x_shape((1, info.channels, info.height, info.width))
         plan = plan_tiling(max(h, native), max(w, native), native, settings.tiling, settings.patch, settings.stride)
         return replace(job, width=w, height=h, n_patches=plan["n_patches"], mode=plan["mode"], content_sha256=sha)
+    except UnsafePathError as e:
+        return replace(job, status="failed", error=f"{uri}: {one_line(e)}")
     except (ImageError, ValueError) as e:
         return replace(job, status="failed", error=one_line(e))
 

@@ -142,6 +142,43 @@ def test_plan_image_missing_file(tmp_path):
     assert j.status == "failed" and j.error == f"{uri}: no such file"
 
 
+@pytest.mark.parametrize("relpath, problem", [
+    ("/some/dir/PWNED.png", "is absolute"), ("../PWNED.png", "'..' segment"), ("a/../../x.png", "'..' segment"),
+    ("a/..", "'..' segment"), ("a//b.png", "not canonical"), ("./a.png", "not canonical"), ("a/./b.png", "not canonical"),
+    ("..\\x.png", "backslash"), ("a\\b.png", "backslash"), ("a\nb.png", "control character"),
+    ("a\x00.png", "control character"), ("C:/x.png", "drive letter"), ("c:x.png", "drive letter"), ("", "empty"),
+    ("_manifests/run-x.parquet", "reserved folder _manifests/"), ("_work/r/x.png", "reserved folder _work/"),
+])
+def test_output_uri_for_refuses_paths_that_leave_the_root(relpath, problem):
+    for root in ("s3://bucket/out", "/data/out", "memory://x"):
+        with pytest.raises(col.UnsafePathError, match=problem.replace("(", r"\(")):
+            col.output_uri_for(root, relpath)
+
+
+def test_output_uri_for_joins_canonical_paths(tmp_path):
+    assert col.output_uri_for("s3://bucket/out/", "a/b.png") == "s3://bucket/out/a/b.png"
+    assert col.output_uri_for("s3://bucket", "a.png") == "s3://bucket/a.png"
+    assert col.output_uri_for("/", "a.png") == "/a.png"
+    assert col.output_uri_for(str(tmp_path), "sub/_work.png") == f"{tmp_path}/sub/_work.png"  # only the top level
+    assert col.output_uri_for(str(tmp_path), "..a/b...png") == f"{tmp_path}/..a/b...png"  # dots inside names
+    # a link already in a local output tree that points out of it
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(col.UnsafePathError, match="symbolic link"):
+        col.output_uri_for(str(tmp_path / "out"), "link/x/y.png")
+    assert col.output_uri_for(str(tmp_path / "out"), "real/x/y.png") == f"{tmp_path}/out/real/x/y.png"
+    (tmp_path / "root-link").symlink_to(tmp_path / "out")  # a root that is itself a link is the user's choice
+    assert col.output_uri_for(str(tmp_path / "root-link"), "a.png") == f"{tmp_path}/root-link/a.png"
+
+
+def test_plan_image_unsafe_relative_path_is_a_failed_job(tmp_path):
+    uri = put(tmp_path / "in" / "a\\b.png", png(photo(8, 8)))
+    j = col.plan_image(uri, str(tmp_path / "in"), str(tmp_path / "out"), SR2, 32)
+    assert j.status == "failed" and j.output_uri == "" and j.relpath == "a\\b.png"
+    assert j.error == f"{uri}: its relative path holds a backslash ('a\\\\b.png'); nothing is written for it"
+
+
 def test_one_line():
     assert col.one_line(ImageError("s3://b/a.png", "truncated\nfile")) == "s3://b/a.png: truncated file"
     assert col.one_line(ValueError("bad\n  option")) == "bad option"
