@@ -1,4 +1,4 @@
-"""Image decode/encode over fsspec URLs: 8/16-bit, EXIF orientation, ICC profiles, atomic writes.
+"""Image decode/encode over fsspec URLs: 8/16-bit, EXIF orientation, ICC, EXIF, DPI, atomic writes.
 
 This is the one module that converts between stored pixels and tensors. Every tensor that crosses
 it is float32 in [0, 1], shaped [1, C, H, W] with C = 3 (RGB) or C = 1 (grayscale); 8-bit values
@@ -7,7 +7,13 @@ map as v / 255 and 16-bit values as v / 65535, so writing back what was read is 
 Pillow (this version) holds 16-bit samples only for grayscale (mode I;16): it reduces 48-bit RGB
 PNGs and 16-bit RGB TIFFs to 8 bits. 16-bit colour PNGs are therefore decoded by Pillow twice, once
 for the high and once for the low byte of every sample; 16-bit colour TIFFs go through tifffile
-when it is importable. Both are written by a small PNG encoder here, or by tifffile.
+when it is importable. Both are written by small encoders here (PNG, and TIFF on Pillow's tag
+writer), which carry ICC, EXIF and DPI like Pillow's own encoders do for the other formats.
+
+Metadata: ICC profiles, EXIF (orientation reset to 1; from a TIFF, its descriptive tags and EXIF/GPS
+sub-directories) and the resolution in DPI (PNG pHYs, JPEG JFIF density or EXIF, TIFF and BMP
+resolution) are read and written back wherever the format can hold them. WEBP has no DPI field: its
+DPI goes into the EXIF resolution tags. EXIF that cannot be decoded is dropped, with a note.
 """
 
 from __future__ import annotations
@@ -94,6 +100,14 @@ class LoadedImage:
     exif: bytes | None  # orientation tag reset to 1 (pixels are already upright)
     format: str
     notes: tuple[str, ...]
+    dpi: tuple[float, float] | None = None  # pixels per inch (x, y) of the upright pixels, if stored
+
+    def dpi_for(self, width: int, height: int) -> tuple[float, float] | None:
+        """The DPI that gives a width x height image of these pixels the same print size (x k after
+        x k super-resolution, so a restored scan prints as large as its original)."""
+        if self.dpi is None:
+            return None
+        return (self.dpi[0] * width / self.pixels.shape[-1], self.dpi[1] * height / self.pixels.shape[-2])
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,7 @@ def read_info(uri: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXE
     """Size, mode and planned conversions of an image, from its header (pixels are not decoded)."""
     uri = os.fspath(uri)
     with _open_file(uri, storage_options) as f, _open_pil(uri, f, max_pixels) as im:
-        plan = _plan(uri, im, _exif_of(im))
+        plan = _plan(uri, im, *_exif_of(im))
         (width, height), mode = im.size, im.mode
     if plan.orientation in (5, 6, 7, 8):
         width, height = height, width
@@ -182,8 +196,18 @@ def _open_file(uri: str, storage_options: dict[str, Any]) -> Iterator[BinaryIO]:
         raise ImageError(uri, "no such file") from e
     except IsADirectoryError as e:
         raise ImageError(uri, "is a directory, not a file") from e
+    except PermissionError as e:  # a local mode, or S3's AccessDenied
+        raise _denied(uri, e) from e
     with f:
-        yield f
+        try:
+            yield f
+        except PermissionError as e:  # on the first read: S3's InvalidObjectState (an archived object)
+            raise _denied(uri, e) from e
+
+
+def _denied(uri: str, e: PermissionError) -> ImageError:
+    detail = "" if e.errno is not None else " ".join(str(e).split())
+    return ImageError(uri, "cannot read it: permission denied" + (f" ({detail})" if detail else ""))
 
 
 @contextlib.contextmanager
@@ -203,6 +227,10 @@ def _open_pil(uri: str, f: BinaryIO, max_pixels: int) -> Iterator[Image.Image]:
                               "pixels (decompression bomb)") from e
     except (SyntaxError, EOFError, ValueError, struct.error) as e:
         raise ImageError(uri, f"corrupt file ({e})") from e
+    except OSError as e:
+        if type(e) is not OSError or e.errno is not None:  # the storage's error, not the header's (Pillow
+            raise  # raises plain OSErrors without errno; s3fs gives S3's errors a subclass or an errno)
+        raise ImageError(uri, "truncated file" if "truncated" in str(e).lower() else f"corrupt file ({e})") from e
     with im:
         width, height = im.size
         if width * height > max_pixels:
@@ -224,7 +252,7 @@ def _describe(e: BaseException) -> str:
     return f"corrupt or unsupported image data ({message})"
 
 
-def _plan(uri: str, im: Image.Image, exif: Image.Exif) -> _Plan:
+def _plan(uri: str, im: Image.Image, exif: Image.Exif, exif_problem: str = "") -> _Plan:
     """Decide channels, bit depth, decoder and notes from the header of `im`."""
     mode = im.mode
     if mode == "F":
@@ -243,6 +271,8 @@ def _plan(uri: str, im: Image.Image, exif: Image.Exif) -> _Plan:
     orientation = _orientation(exif)
     if orientation != 1:
         notes.append(f"applied EXIF orientation {orientation}")
+    if exif_problem:
+        notes.append(f"dropped undecodable EXIF ({exif_problem})")
     return _Plan(channels, bit_depth, has_alpha, decoder, orientation, tuple(notes))
 
 
@@ -301,7 +331,8 @@ def _orientation(exif: Image.Exif) -> int:
 
 def _decode(uri: str, im: Image.Image, data: bytes) -> LoadedImage:
     """Decode the opened image `im` (whose bytes are `data`) following its plan."""
-    plan, rawmode = _plan(uri, im, _exif_of(im)), _rawmode(im)
+    exif, exif_problem = _exif_of(im)
+    plan, rawmode = _plan(uri, im, exif, exif_problem), _rawmode(im)
     extra_notes: list[str] = []
     icc = im.info.get("icc_profile") or None
     if plan.decoder == "tifffile":
@@ -314,25 +345,80 @@ def _decode(uri: str, im: Image.Image, data: bytes) -> LoadedImage:
         else:
             converted, icc = _to_supported_mode(im, plan.channels, icc, extra_notes)
             pixels = to_tensor(converted)
+    if im.format == "PNG" and not exif_problem:  # an eXIf chunk after the pixels is seen only now
+        exif, exif_problem = _exif_of(im)
+        if exif_problem:
+            extra_notes.append(f"dropped undecodable EXIF ({exif_problem})")
     return LoadedImage(pixels=_apply_orientation(pixels, plan.orientation),
                        bit_depth=plan.bit_depth, icc_profile=icc,
-                       exif=_upright_exif(im.info.get("exif")), format=im.format or "",
-                       notes=(*plan.notes, *extra_notes))
+                       exif=None if exif_problem else _exif_bytes(im, exif), format=im.format or "",
+                       notes=(*plan.notes, *extra_notes), dpi=_dpi_of(im, exif, plan.orientation))
 
 
-def _exif_of(im: Image.Image) -> Image.Exif:
-    """EXIF known so far, without decoding pixels (PngImageFile.getexif would decode them)."""
-    if im.format != "PNG":
-        return im.getexif()
+def _exif_of(im: Image.Image) -> tuple[Image.Exif, str]:
+    """(EXIF known so far, "") without decoding pixels (PngImageFile.getexif would decode them),
+    or (empty EXIF, the problem) when it cannot be decoded: the image is still read, without it."""
     exif = Image.Exif()
-    if im.info.get("exif"):
-        exif.load(im.info["exif"])
-    return exif
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about (and skips) broken tags itself
+            if im.format != "PNG":
+                exif = im.getexif()
+            elif im.info.get("exif"):
+                exif.load(im.info["exif"])
+            if im.info.get("exif"):  # what will be written back must parse as well
+                Image.Exif().load(im.info["exif"])
+    except _DECODE_ERRORS as e:
+        return Image.Exif(), " ".join(str(e).split())[:120] or type(e).__name__
+    return exif, ""
+
+
+# TIFF tags not carried as EXIF: those of the stored pixels (written anew for every image; resolution
+# and ICC travel as `dpi` and `icc_profile`), the orientation (pixels are upright) and XMP
+_TIFF_NOT_EXIF = frozenset({254, 255, 256, 257, 258, 259, 262, 263, 266, 269, 273, 274, 277, 278, 279,
+                                  280, 281, 282, 283, 284, 290, 291, 296, 297, 317, 318, 319, 320, 321, 322,
+                                  323, 324, 325, 338, 339, 340, 341, 347, 529, 530, 531, 532, 700, 34675})
+_EXIF_SUB_IFDS = (0x8769, 0x8825)  # the EXIF and GPS directories
+_EXIF_INTEROP = 0xA005  # inside the EXIF directory
+
+
+def _exif_bytes(im: Image.Image, exif: Image.Exif) -> bytes | None:
+    """The EXIF to carry over, as bytes, with the orientation tag set to 1."""
+    if im.format != "TIFF":
+        return _upright_exif(im.info.get("exif"))
+    picture = Image.Exif()  # a TIFF's EXIF is its first directory's descriptive tags and sub-directories
+    for tag, value in exif.items():
+        if tag not in _TIFF_NOT_EXIF and tag not in _EXIF_SUB_IFDS:
+            picture[tag] = value
+    for tag in _EXIF_SUB_IFDS:
+        if tag in exif and exif.get_ifd(tag):
+            picture[tag] = dict(exif.get_ifd(tag))
+            if _EXIF_INTEROP in picture[tag]:  # an offset into the source file: carry the directory itself
+                picture[tag][_EXIF_INTEROP] = dict(exif.get_ifd(_EXIF_INTEROP))
+    return picture.tobytes() if len(picture) else None
+
+
+def _dpi_of(im: Image.Image, exif: Image.Exif, orientation: int) -> tuple[float, float] | None:
+    """Pixels per inch (x, y) as stored (PNG pHYs in pixels per metre, JPEG JFIF, TIFF and BMP
+    resolution, else the EXIF resolution in inches or cm), for the upright pixels; values within
+    0.01 of a whole number are taken as that number (300 dpi comes back from a PNG as 299.9994)."""
+    per_inch = {2: 1.0, 3: 2.54}.get(exif.get(_RESOLUTION_TAGS[2], 2))
+    try:
+        if "dpi" in im.info:
+            x, y = (float(v) for v in im.info["dpi"])
+        else:
+            x, y = (float(exif[tag]) * per_inch for tag in _RESOLUTION_TAGS[:2])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not (0 < x < float("inf") and 0 < y < float("inf")):
+        return None
+    x, y = (round(v) if abs(v - round(v)) < 0.01 else v for v in (x, y))
+    return (y, x) if orientation in (5, 6, 7, 8) else (x, y)
 
 
 def _late_orientation(plan: _Plan, im: Image.Image) -> _Plan:
     """Account for an eXIf chunk that a PNG stores after its pixels (seen only after load)."""
-    orientation = _orientation(_exif_of(im))
+    orientation = _orientation(_exif_of(im)[0])
     if orientation == plan.orientation:
         return plan
     return replace(plan, orientation=orientation,
@@ -452,13 +538,16 @@ def _upright_exif(exif: bytes | Image.Exif | None) -> bytes | None:
 
 def write_image(uri: str | os.PathLike[str], pixels: torch.Tensor, *, bit_depth: int = 8,
                 format: str | None = None, icc_profile: bytes | None = None,
-                exif: bytes | None = None, quality: int = 95, protect: str | None = None,
-                **storage_options: Any) -> None:
+                exif: bytes | None = None, dpi: tuple[float, float] | None = None, quality: int = 95,
+                protect: str | None = None, **storage_options: Any) -> None:
     """Encode [1, C, H, W] or [C, H, W] pixels in [0, 1] (C = 1 or 3) and write them atomically.
 
     Values are clamped to [0, 1] and rounded to `bit_depth` (8, or 16 for PNG/TIFF). `format`
     defaults to the extension's. ICC and EXIF are embedded where the format allows (PNG, JPEG,
-    TIFF, WEBP; not BMP), with the EXIF orientation set to 1. `quality` applies to JPEG and WEBP.
+    TIFF, WEBP; not BMP), with the EXIF orientation set to 1. `dpi` (x, y) is written as PNG pHYs,
+    JPEG JFIF density, TIFF or BMP resolution, and into EXIF resolution tags where the EXIF has
+    them (WEBP: always, it has no other place); `LoadedImage.dpi_for` gives the DPI of a resized
+    image. `quality` applies to JPEG and WEBP.
     Local files are written to a temporary file beside the target and renamed over it; other
     fsspec URLs are written with one upload (atomic on object stores such as S3, GCS, Azure).
     Raises ImageError if `uri` is the same file as `protect` (pass the input URI there).
@@ -467,9 +556,33 @@ def write_image(uri: str | os.PathLike[str], pixels: torch.Tensor, *, bit_depth:
     fmt = _output_format(uri, format, bit_depth)
     if protect is not None and same_location(uri, os.fspath(protect), storage_options):
         raise ImageError(uri, f"refusing to overwrite the input {protect}")
+    if dpi is not None and not all(0 < float(v) < float("inf") for v in dpi):
+        raise ValueError(f"{uri}: dpi must be two positive numbers, got {dpi!r}")
     samples = _quantise(pixels, bit_depth)
-    data = _encode(samples, fmt, icc_profile, exif and _upright_exif(exif), quality)
+    data = _encode(samples, fmt, icc_profile, _output_exif(exif, dpi, fmt), quality, dpi)
     _write_atomic(uri, data, storage_options)
+
+
+def check_writable(uri: str | os.PathLike[str], *, bit_depth: int = 8, format: str | None = None,
+                   **storage_options: Any) -> None:
+    """Raise now what `write_image(uri, ...)` would raise later for this path: an unknown format or a
+    bit depth it cannot hold (ValueError), or, for local paths, a folder in the way, a parent that is
+    a file or a folder that cannot be written (ImageError). Call it before a long computation."""
+    uri = os.fspath(uri)
+    _output_format(uri, format, bit_depth)
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    if not isinstance(fs, LocalFileSystem):
+        return
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ImageError(uri, "is a directory, not a file")
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ImageError(uri, f"cannot create it: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ImageError(uri, f"cannot write into {parent} (permission denied)")
 
 
 def _output_format(uri: str, format: str | None, bit_depth: int) -> str:
@@ -503,17 +616,21 @@ def _quantise(pixels: torch.Tensor, bit_depth: int) -> np.ndarray:
 
 
 def _encode(samples: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None,
-            quality: int) -> bytes:
+            quality: int, dpi: tuple[float, float] | None = None) -> bytes:
     """Samples from `_quantise` -> encoded file bytes."""
     if samples.dtype == np.uint16 and samples.ndim == 3:
         if fmt == "PNG":
-            return encode_png16_rgb(samples, icc_profile=icc, exif=exif)
-        return _encode_tiff16_rgb(samples, icc)
+            return encode_png16_rgb(samples, icc_profile=icc, exif=exif, dpi=dpi)
+        return encode_tiff16_rgb(samples, icc_profile=icc, exif=exif, dpi=dpi)
     params: dict[str, Any] = {}
     if icc:
         params["icc_profile"] = icc
-    if exif:
+    if exif and fmt == "TIFF":  # Pillow's `exif=` would drop the EXIF and GPS directories of a TIFF
+        params["tiffinfo"] = _tiff_tags(exif)
+    elif exif:
         params["exif"] = _parse_exif(exif)
+    if dpi and fmt != "WEBP":
+        params["dpi"] = tuple(float(v) for v in dpi)
     if fmt in ("JPEG", "WEBP"):
         params["quality"] = quality
     if fmt == "JPEG":
@@ -529,9 +646,56 @@ def _parse_exif(exif: bytes) -> Image.Exif:
     return parsed
 
 
+_RESOLUTION_TAGS = (0x011A, 0x011B, 0x0128)  # EXIF XResolution, YResolution, ResolutionUnit
+
+
+def _output_exif(exif: bytes | None, dpi: tuple[float, float] | None, fmt: str) -> bytes | None:
+    """The EXIF to embed: orientation 1 (pixels are upright), and resolution tags that agree with
+    `dpi` where the EXIF has them (or, for WEBP, which has no other place for a DPI, always).
+    Unchanged bytes when nothing changes: re-serialising can lose maker notes."""
+    exif = _upright_exif(exif)
+    if not dpi or not (exif or fmt == "WEBP"):
+        return exif
+    parsed = _parse_exif(exif) if exif else Image.Exif()
+    if _RESOLUTION_TAGS[0] not in parsed and fmt != "WEBP":
+        return exif
+    wanted = dict(zip(_RESOLUTION_TAGS, (_rational(dpi[0]), _rational(dpi[1]), 2)))
+    if all(parsed.get(tag) == value for tag, value in wanted.items()):
+        return exif
+    for tag, value in wanted.items():
+        parsed[tag] = value
+    return parsed.tobytes()
+
+
+def _rational(value: float):
+    from PIL.TiffImagePlugin import IFDRational
+    from fractions import Fraction
+    f = Fraction(float(value)).limit_denominator(10_000)
+    return IFDRational(f.numerator, f.denominator)
+
+
+def _tiff_tags(exif: bytes):
+    """EXIF bytes -> the first TIFF directory's tags, EXIF and GPS directories nested (Pillow's TIFF
+    writer serialises a dict as a sub-directory). Tags of the stored pixels are left to the writer."""
+    from PIL.TiffImagePlugin import ImageFileDirectory_v2
+    parsed = _parse_exif(exif)
+    tags = ImageFileDirectory_v2()
+    for tag, value in parsed.items():
+        if tag in _EXIF_SUB_IFDS:
+            value = dict(parsed.get_ifd(tag))
+            if _EXIF_INTEROP in value:
+                value[_EXIF_INTEROP] = dict(parsed.get_ifd(_EXIF_INTEROP))
+            if not value:
+                continue
+        elif tag in _TIFF_NOT_EXIF and tag != EXIF_ORIENTATION:
+            continue
+        tags[tag] = value
+    return tags
+
+
 def encode_png16_rgb(samples: np.ndarray, *, icc_profile: bytes | None = None,
-                     exif: bytes | None = None) -> bytes:
-    """uint16 [H, W, 3] -> 48-bit PNG bytes (filter 0, zlib), with optional iCCP and eXIf chunks."""
+                     exif: bytes | None = None, dpi: tuple[float, float] | None = None) -> bytes:
+    """uint16 [H, W, 3] -> 48-bit PNG bytes (filter 0, zlib), with optional iCCP, eXIf and pHYs chunks."""
     height, width, _ = samples.shape
     rows = samples.astype(">u2").reshape(height, width * 3).view(np.uint8)
     scanlines = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter type 0
@@ -543,6 +707,8 @@ def encode_png16_rgb(samples: np.ndarray, *, icc_profile: bytes | None = None,
         chunks.append(_png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc_profile)))
     if exif:
         chunks.append(_png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif))
+    if dpi:  # pixels per metre, unit 1 (metre), as Pillow writes it
+        chunks.append(_png_chunk(b"pHYs", struct.pack(">IIB", *(int(float(v) / 0.0254 + 0.5) for v in dpi), 1)))
     compressed = b"".join(idat)
     chunks += [_png_chunk(b"IDAT", compressed[i:i + (1 << 24)])
                for i in range(0, max(len(compressed), 1), 1 << 24)]
@@ -554,14 +720,29 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
 
-def _encode_tiff16_rgb(samples: np.ndarray, icc: bytes | None) -> bytes:
-    """uint16 [H, W, 3] -> 48-bit TIFF bytes through tifffile (EXIF is not carried)."""
-    tifffile = _optional("tifffile")
-    if tifffile is None:
-        raise ValueError("16-bit RGB TIFF needs the tifffile package; install it or write PNG")
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, samples, photometric="rgb", iccprofile=icc)
-    return buffer.getvalue()
+def encode_tiff16_rgb(samples: np.ndarray, *, icc_profile: bytes | None = None,
+                      exif: bytes | None = None, dpi: tuple[float, float] | None = None) -> bytes:
+    """uint16 [H, W, 3] -> 48-bit TIFF bytes (little-endian, deflate strips of about 64 KiB), with
+    the ICC profile, the EXIF (its tags and EXIF/GPS directories) and the resolution. Laid out as
+    Pillow's own TIFF writer does: header, directory (serialised by Pillow), then the strips, whose
+    offsets Pillow's serialiser takes relative to the end of the directory."""
+    from PIL.TiffImagePlugin import ImageFileDirectory_v2
+    height, width, _ = samples.shape
+    rows = max(1, (1 << 16) // (width * 6))
+    raw = np.ascontiguousarray(samples, dtype="<u2")
+    strips = [zlib.compress(raw[i:i + rows].tobytes(), 6) for i in range(0, height, rows)]
+    ifd = ImageFileDirectory_v2()
+    for tag, value in (_tiff_tags(exif) if exif else {}).items():
+        ifd[tag] = value
+    ifd[256], ifd[257], ifd[258], ifd[259], ifd[262] = width, height, (16, 16, 16), 8, 2  # 8: deflate, 2: RGB
+    ifd[277], ifd[278], ifd[284] = 3, rows, 1
+    ifd[273] = tuple(int(o) for o in np.cumsum([0] + [len(s) for s in strips[:-1]]))
+    ifd[279] = tuple(len(s) for s in strips)
+    if dpi:
+        ifd[282], ifd[283], ifd[296] = _rational(dpi[0]), _rational(dpi[1]), 2  # 2: inch
+    if icc_profile:
+        ifd[34675] = icc_profile
+    return b"II*\x00" + struct.pack("<I", 8) + ifd.tobytes(8) + b"".join(strips)
 
 
 def _write_atomic(uri: str, data: bytes, storage_options: dict[str, Any]) -> None:

@@ -145,8 +145,11 @@ def test_16bit_rgb_tiff_without_tifffile_loads_as_8bit_with_a_note(tmp_path, pho
                                                       "hold it; install tifffile to keep it)",)
     assert np.array_equal(_as_uint(loaded.pixels, 255), photo)
     assert read_info(str(tmp_path / "deep.tif")).bit_depth == 8
-    with pytest.raises(ValueError, match="needs the tifffile package"):
-        write_image(str(tmp_path / "out.tif"), loaded.pixels, bit_depth=16)
+    # writing 16-bit colour TIFF needs no tifffile (gdp.io's own encoder); reading it back does
+    deep = torch.from_numpy(photo.astype(np.float32) * 257 / 65535).permute(2, 0, 1)[None]
+    write_image(str(tmp_path / "out.tif"), deep, bit_depth=16)
+    monkeypatch.undo()
+    assert np.array_equal(tifffile.imread(tmp_path / "out.tif"), photo.astype(np.uint16) * 257)
 
 
 # --- orientation and metadata -----------------------------------------------------------------
@@ -214,6 +217,179 @@ def test_jpeg_read_write_keeps_icc(tmp_path, photo, srgb_icc):
     loaded = read_image(str(tmp_path / "in.jpg"))
     write_image(str(tmp_path / "out.jpg"), loaded.pixels, icc_profile=loaded.icc_profile, exif=loaded.exif)
     assert loaded.format == "JPEG" and Image.open(tmp_path / "out.jpg").info["icc_profile"] == srgb_icc
+
+
+# --- resolution (DPI) and EXIF on every format --------------------------------------------------
+
+MAKE, EXIF_IFD, GPS_IFD, DATE_TAKEN, X_RESOLUTION = 0x010F, 0x8769, 0x8825, 0x9003, 0x011A
+
+
+def _camera_exif() -> Image.Exif:
+    """EXIF as a camera writes it: a tag in the first directory, one in the EXIF and one in the GPS one."""
+    exif = Image.Exif()
+    exif[MAKE] = "gdp-test"
+    exif.get_ifd(EXIF_IFD)[DATE_TAKEN] = "2021:06:05 04:03:02"
+    exif.get_ifd(GPS_IFD)[1] = "N"  # GPSLatitudeRef
+    return exif
+
+
+def _exif_facts(exif: Image.Exif) -> tuple:
+    return exif.get(MAKE), exif.get_ifd(EXIF_IFD).get(DATE_TAKEN), exif.get_ifd(GPS_IFD).get(1)
+
+
+CAMERA = ("gdp-test", "2021:06:05 04:03:02", "N")
+
+
+def _save_source(path, samples: np.ndarray, ext: str, dpi: tuple) -> None:
+    """A file with DPI and EXIF as another program writes it: Pillow (tiffinfo for TIFF, which keeps
+    the EXIF directories), or tifffile / gdp's PNG encoder for 16-bit colour that Pillow cannot hold."""
+    exif = _camera_exif()
+    if samples.dtype == np.uint16 and samples.ndim == 3:
+        if ext == "png":
+            path.write_bytes(gio.encode_png16_rgb(samples, exif=exif.tobytes(), dpi=dpi))
+        else:
+            tifffile = pytest.importorskip("tifffile")
+            tags = gio._tiff_tags(exif.tobytes())
+            tifffile.imwrite(path, samples, photometric="rgb", resolution=dpi, resolutionunit="INCH",
+                             extratags=[(MAKE, "s", 0, "gdp-test", True)])
+            assert tags[MAKE] == "gdp-test"
+        return
+    image = Image.fromarray(samples)
+    if ext == "tif":
+        image.save(path, tiffinfo=gio._tiff_tags(exif.tobytes()), dpi=dpi)
+    elif ext == "bmp":
+        image.save(path, dpi=dpi)
+    elif ext == "webp":  # WEBP has no DPI field: it lives in the EXIF resolution
+        exif[X_RESOLUTION], exif[0x011B], exif[0x0128] = dpi[0], dpi[1], 2
+        image.save(path, exif=exif, quality=95)
+    else:
+        image.save(path, exif=exif, dpi=dpi, **({"quality": 95} if ext == "jpg" else {}))
+
+
+def _written_dpi(path, ext: str) -> tuple:
+    """The DPI a third-party reader (Pillow, tifffile for 16-bit colour TIFF) sees in the written file."""
+    with Image.open(path) as im:
+        if ext == "webp":
+            exif = im.getexif()
+            return float(exif[X_RESOLUTION]), float(exif[0x011B])
+        return tuple(round(float(v), 2) for v in im.info["dpi"])
+
+
+FORMATS = [("png", 8, 3), ("png", 16, 1), ("png", 16, 3), ("jpg", 8, 3), ("jpg", 8, 1), ("tif", 8, 3),
+           ("tif", 16, 1), ("tif", 16, 3), ("webp", 8, 3), ("bmp", 8, 3)]
+
+
+@pytest.mark.parametrize("ext, depth, channels", FORMATS)
+def test_dpi_and_exif_survive_read_and_write_in_every_format(tmp_path, photo, gray_photo, ext, depth, channels):
+    samples = photo if channels == 3 else gray_photo
+    samples = samples.astype(np.uint16) * 257 if depth == 16 else samples
+    source, out = tmp_path / f"in.{ext}", tmp_path / f"out.{ext}"
+    _save_source(source, samples, ext, dpi=(300, 200))
+
+    loaded = read_image(str(source))
+    assert loaded.bit_depth == depth and loaded.dpi == (300, 200)
+    tiff16_rgb_source = ext == "tif" and depth == 16 and channels == 3  # tifffile writes no EXIF directories
+    if ext != "bmp":  # BMP holds no EXIF
+        parsed = Image.Exif()
+        parsed.load(loaded.exif)
+        assert _exif_facts(parsed) == (("gdp-test", None, None) if tiff16_rgb_source else CAMERA)
+
+    write_image(str(out), loaded.pixels, bit_depth=depth, exif=_camera_exif().tobytes(), dpi=loaded.dpi)
+    assert np.allclose(_written_dpi(out, ext), (300, 200), atol=0.01)  # PNG, BMP: pixels per metre
+    again = read_image(str(out))
+    assert again.dpi == (300, 200) and again.bit_depth == depth
+    if ext != "bmp":
+        with Image.open(out) as im:  # a third-party reader finds all three EXIF tags
+            assert _exif_facts(im.getexif()) == CAMERA
+        parsed = Image.Exif()
+        parsed.load(again.exif)
+        assert _exif_facts(parsed) == CAMERA
+    if ext not in ("jpg", "webp"):  # lossless formats
+        assert np.array_equal(_as_uint(again.pixels, 65535 if depth == 16 else 255), samples)
+
+
+def test_16bit_rgb_tiff_carries_icc_exif_and_resolution_readable_by_tifffile(tmp_path, photo, srgb_icc):
+    tifffile = pytest.importorskip("tifffile")
+    samples = photo.astype(np.uint16) * 257 + 3
+    pixels = torch.from_numpy(samples.astype(np.float32) / 65535).permute(2, 0, 1)[None]
+    write_image(str(tmp_path / "out.tif"), pixels, bit_depth=16, icc_profile=srgb_icc,
+                exif=_camera_exif().tobytes(), dpi=(600, 600))
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        page = tif.pages[0]
+        assert np.array_equal(page.asarray(), samples)
+        assert page.tags["XResolution"].value == (600, 1) and page.tags["ResolutionUnit"].value == 2
+        assert page.tags["Make"].value == "gdp-test"
+        assert page.tags["ExifTag"].value["DateTimeOriginal"] == "2021:06:05 04:03:02"
+        assert page.tags["InterColorProfile"].value == srgb_icc
+    assert read_image(str(tmp_path / "out.tif")).icc_profile == srgb_icc
+
+
+def test_dpi_follows_orientation_and_resizing(tmp_path, photo):
+    exif = Image.Exif()
+    exif[gio.EXIF_ORIENTATION] = 6  # turned 90 degrees: x and y resolution swap
+    Image.fromarray(photo).save(tmp_path / "o.png", exif=exif, dpi=(300, 200))
+    loaded = read_image(str(tmp_path / "o.png"))
+    assert loaded.dpi == (200, 300)
+    height, width = loaded.pixels.shape[-2:]
+    # x4 super-resolution keeps the print size: 4x the pixels on the same inches
+    assert loaded.dpi_for(4 * width, 4 * height) == (800, 1200)
+    assert loaded.dpi_for(width, height) == (200, 300)
+    Image.fromarray(photo).save(tmp_path / "plain.png")
+    assert read_image(str(tmp_path / "plain.png")).dpi is None
+    assert read_image(str(tmp_path / "plain.png")).dpi_for(8, 8) is None
+
+
+def test_exif_resolution_is_made_to_agree_with_the_dpi_written(tmp_path, photo):
+    """A camera JPEG's EXIF says 72 dpi like its JFIF header; after x4 super-resolution both say 288."""
+    exif = _camera_exif()
+    exif[X_RESOLUTION], exif[0x011B], exif[0x0128] = 72, 72, 2
+    Image.fromarray(photo).save(tmp_path / "in.jpg", exif=exif, dpi=(72, 72), quality=95)
+    loaded = read_image(str(tmp_path / "in.jpg"))
+    big = torch.nn.functional.interpolate(loaded.pixels, scale_factor=4, mode="nearest")
+    write_image(str(tmp_path / "out.jpg"), big, exif=loaded.exif, dpi=loaded.dpi_for(*big.shape[-1:-3:-1]))
+    with Image.open(tmp_path / "out.jpg") as im:
+        written = im.getexif()
+        assert im.info["dpi"] == (288, 288) and float(written[X_RESOLUTION]) == 288.0
+        assert _exif_facts(written) == CAMERA
+    # unchanged EXIF is carried byte for byte (re-serialising can lose maker notes)
+    write_image(str(tmp_path / "same.jpg"), loaded.pixels, exif=loaded.exif, dpi=loaded.dpi)
+    assert Image.open(tmp_path / "same.jpg").info["exif"] == loaded.exif
+
+
+@pytest.mark.parametrize("payload", [b"Exif\x00\x00XX*\x00\x08\x00\x00\x00", b"Exif\x00\x00" + bytes(range(256))])
+def test_undecodable_exif_is_dropped_with_a_note(tmp_path, photo, payload):
+    buffer = __import__("io").BytesIO()
+    Image.fromarray(photo).save(buffer, format="JPEG", quality=95, dpi=(300, 300))
+    data = buffer.getvalue()
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    (tmp_path / "bad.jpg").write_bytes(data[:2] + app1 + data[2:])
+
+    loaded = read_image(str(tmp_path / "bad.jpg"))
+    assert loaded.exif is None and loaded.dpi == (300, 300)
+    assert [n for n in loaded.notes if n.startswith("dropped undecodable EXIF")]
+    assert read_info(str(tmp_path / "bad.jpg")).notes == loaded.notes
+    assert np.abs(_as_uint(loaded.pixels, 255).astype(int) - photo).mean() < 3
+    write_image(str(tmp_path / "out.jpg"), loaded.pixels, exif=loaded.exif, dpi=loaded.dpi)
+    assert "exif" not in Image.open(tmp_path / "out.jpg").info
+
+
+def test_check_writable_refuses_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder.png").mkdir()
+    gio.check_writable(str(tmp_path / "new" / "deeper" / "out.png"))  # folders are created on write
+    gio.check_writable(str(tmp_path / "out.tif"), bit_depth=16)
+    with pytest.raises(ImageError, match=r"file/out.png: cannot create it: .*file is a file, not a folder"):
+        gio.check_writable(str(tmp_path / "file" / "out.png"))
+    with pytest.raises(ImageError, match="cannot create it"):
+        gio.check_writable(str(tmp_path / "file" / "sub" / "out.png"))
+    with pytest.raises(ImageError, match="is a directory"):
+        gio.check_writable(str(tmp_path / "folder.png"))
+    with pytest.raises(ValueError, match="unknown image format"):
+        gio.check_writable(str(tmp_path / "out.xyz"))
+    with pytest.raises(ValueError, match="bit_depth 16 is not possible for JPEG"):
+        gio.check_writable(str(tmp_path / "out.jpg"), bit_depth=16)
+    gio.check_writable("memory://anywhere/out.png")  # object stores: only the format is checked
+    assert not (tmp_path / "new").exists()
 
 
 # --- mode conversions -------------------------------------------------------------------------
