@@ -550,7 +550,7 @@ def assemble(result: ImageResult, settings: Settings, prior_id: str, config_hash
         image = finish_output(pixels[None], settings.task, meta.get("gray") == "True")
         src = read_image(job.source_uri, **settings.storage_options)  # ICC/EXIF to carry over
     write_image(job.output_uri, image, bit_depth=src.bit_depth, icc_profile=src.icc_profile, exif=src.exif,
-                protect=job.source_uri, **settings.storage_options)
+                dpi=src.dpi_for(image.shape[-1], image.shape[-2]), protect=job.source_uri, **settings.storage_options)
     row.update(status="ok", nfe=result.nfe, seconds=round(result.seconds, 3), estimated_params_json=estimated,
                consistency_psnr=consistency, n_patches=result.tiling.get("n_patches", job.n_patches))
     if reference_uri:
