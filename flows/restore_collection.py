@@ -35,7 +35,6 @@ from pydantic import BaseModel, Field
 from pydantic_core import to_jsonable_python
 
 from gdp import collection as col
-from gdp.io import ImageError
 
 TaskName = Literal["sr", "deblur", "inpaint", "colorize", "lowlight", "blind-deblur"]  # hdr: several inputs per scene
 SHARD_DEPLOYMENT = "restore-shard/gpu"  # prefect.yaml; its runs restore one group of a sharded run
@@ -74,9 +73,9 @@ class TilingOptions(BaseModel):
 
 
 def _transient(task_, task_run, state) -> bool:
-    """Retry storage, network and device hiccups; never bad input or programming errors."""
-    exc = state.data
-    return isinstance(exc, (OSError, TimeoutError, RuntimeError)) and not isinstance(exc, (ImageError, ValueError))
+    """Retry storage, network and device hiccups (`gdp.collection.is_transient`: the storage
+    client's own connection errors included); never bad input, memory or programming errors."""
+    return col.is_transient(state.data if isinstance(state.data, BaseException) else None)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient,
@@ -121,18 +120,21 @@ def assemble(result: col.ImageResult, name: str, settings: col.Settings, prior_i
     also journaled at once, so a re-run after a crash skips this input."""
     try:
         row = col.assemble(result, settings, prior_id, config_hash, run_id, reference_uri)
-    except (ImageError, ValueError) as e:  # a bad reference or output path: this image fails, not the run
+    except Exception as e:  # this image fails, not the run; a transient error (after retries) is retried
+        if col.is_transient(e):
+            raise
         row = col.manifest_row(result.job, settings, prior_id, config_hash, run_id)
-        return {**row, "status": "failed", "error": col.one_line(e)}
+        return {**row, "status": "failed", "error": col.describe(result.job.source_uri, e)}
     if journal_root and row["status"] == "ok":
-        col.journal_row(row, journal_root, run_id, settings.storage_options)
+        col.journal_row(row, journal_root, run_id, settings.storage_options, settings.retry_seconds)
     return row
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], task_run_name="write-manifest")
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient,
+      task_run_name="write-manifest")
 def write_manifest(rows: list[dict], output_uri: str, run_id: str, storage_options: dict,
-                   folder: str = col.MANIFEST_DIR) -> str:
-    return col.write_manifest(rows, output_uri, run_id, storage_options, folder)
+                   folder: str = col.MANIFEST_DIR, retry_seconds: float = col.Settings.retry_seconds) -> str:
+    return col.write_manifest(rows, output_uri, run_id, storage_options, folder, retry_seconds)
 
 
 def _run_name() -> str:
@@ -169,6 +171,8 @@ def restore_collection(
     reference_uri: str | None = None,
     max_images: Annotated[int | None, Field(ge=1)] = None,
     max_megapixels: Annotated[float, Field(gt=0)] = 100.0,
+    storage_retry_seconds: Annotated[float, Field(ge=0, description="how long one storage operation is retried "
+                                                                   "through an outage (docs/RELIABILITY.md)")] = 120.0,
     overwrite: bool = False,
     storage_block: Annotated[str | None, Field(description="Prefect JSON block holding fsspec storage options")] = None,
     shards: Annotated[int, Field(ge=1, le=1024, description="N > 1: N child runs of restore-shard/gpu on the "
@@ -184,7 +188,7 @@ def restore_collection(
     _check_scale_out(shards, task_runner, dask_address)
     logger = get_run_logger()
     run = _prepare(parameters)
-    uris = col.discover(input_uri, pattern, max_images, run.storage)
+    uris = col.discover(input_uri, pattern, max_images, run.storage, run.settings.retry_seconds)
     logger.info(f"{len(uris)} image(s) under {input_uri}; prior {run.prior_id}; config {run.config_hash}")
     jobs = _plan(uris, run)
     rows, todo = _skip_done(jobs, run)
@@ -292,7 +296,8 @@ def _prepare(p: dict) -> _Run:
                             preset=p["preset"], steps=p["steps"], seed=p["seed"], guidance=p["guidance"],
                             scale=p["scale"], samples=p["samples"], tiling=tiling.mode, patch=tiling.patch,
                             stride=tiling.stride, blend=tiling.blend, batch_size=p["batch_size"], mask=options.mask,
-                            storage_options=_storage_options(p["storage_block"]))
+                            storage_options=_storage_options(p["storage_block"]),
+                            retry_seconds=p["storage_retry_seconds"])
     devices = tuple(col.resolve_device(d) for d in p["devices"])
     model = col.cached_prior(p["prior"], p["preset"], devices[0])
     return _Run(settings, p["output_uri"], str(flow_run.id or "local"), devices, model.prior_id,
@@ -307,15 +312,17 @@ def _plan(uris: list[str], run: _Run) -> list[col.ImageJob]:
     return [job for fut in planned for job in fut.result()]
 
 
+SHARD_ROUNDS = 3  # a shard's images interrupted by a transient error are restored again, at most twice
+ROUND_DELAYS = (5.0, 30.0)
+
+
 def _restore_jobs(todo: list[col.ImageJob], run: _Run, record: Callable[[dict], None]) -> None:
     """Restore `todo` with this run's task runner: whole images in shards of about `shard_patches`
     patches per device, hierarchical ones as a coarse pass plus window shards; each image is
-    assembled (and journaled) as soon as it is restored, and its row recorded."""
+    assembled (and journaled) as soon as it is restored, and its row recorded. Images of a shard
+    that a transient error interrupted (`ImageResult.retry`) go into new shards, up to SHARD_ROUNDS
+    rounds in all; the images it restored before are kept."""
     whole = [job for job in todo if job.mode != "hierarchical"]
-    shards = col.make_shards(whole, run.shard_patches)
-    with _gpu_slot():
-        shard_futures = [restore_shard.submit(shard, k, run.settings, run.work_root, run.devices[k % len(run.devices)])
-                         for k, shard in enumerate(shards)]
     assembling = {}  # future -> the ImageResult it assembles
 
     def assemble_all(results: list[col.ImageResult]) -> None:
@@ -323,16 +330,33 @@ def _restore_jobs(todo: list[col.ImageJob], run: _Run, record: Callable[[dict], 
             assembling[assemble.submit(result, result.job.relpath, run.settings, run.prior_id, run.config_hash,
                                        run.run_id, run.reference_uri, run.output_uri)] = result
 
+    def submit_shards(jobs: list[col.ImageJob], first: int) -> dict:
+        with _gpu_slot():
+            return {restore_shard.submit(shard, first + k, run.settings, run.work_root,
+                                         run.devices[(first + k) % len(run.devices)]): shard
+                    for k, shard in enumerate(col.make_shards(jobs, run.shard_patches))}
+
+    shard_futures = submit_shards(whole, 0)
     hierarchical = [job for job in todo if job.mode == "hierarchical"]
     if hierarchical:  # runs while the whole-image shards use the pool's other threads
         assemble_all(_restore_hierarchical(hierarchical, run))
-    for fut in as_completed(shard_futures):
-        fut.wait()  # stores the final state locally (the API lags behind)
-        results = fut.result(raise_on_failure=False)
-        if isinstance(results, BaseException):  # the shard failed after its retries: every image fails
-            shard = shards[shard_futures.index(fut)]
-            results = [col.ImageResult(job, error=col.one_line(results)) for job in shard]
-        assemble_all(results)
+    submitted = len(shard_futures)
+    for round_ in range(SHARD_ROUNDS):
+        again = []
+        for fut in as_completed(list(shard_futures)):
+            fut.wait()  # stores the final state locally (the API lags behind)
+            results = fut.result(raise_on_failure=False)
+            if isinstance(results, BaseException):  # the shard failed after its retries: every image fails
+                results = [col.ImageResult(job, error=col.one_line(results)) for job in shard_futures[fut]]
+            again += [r.job for r in results if r.retry and round_ + 1 < SHARD_ROUNDS]
+            assemble_all([r for r in results if not r.retry or round_ + 1 == SHARD_ROUNDS])
+        if not again:
+            break
+        get_run_logger().warning(f"{len(again)} image(s) interrupted by a transient error: restoring them again "
+                                 f"in {ROUND_DELAYS[round_]:.0f} s")
+        time.sleep(ROUND_DELAYS[round_])
+        shard_futures = submit_shards(again, submitted)
+        submitted += len(shard_futures)
     for fut in as_completed(list(assembling)):
         fut.wait()
         row = fut.result(raise_on_failure=False)
@@ -375,8 +399,8 @@ def _restore_hierarchical(jobs: list[col.ImageJob], run: _Run) -> list[col.Image
 def _finish(rows: list[dict], run: _Run, folder: str = col.MANIFEST_DIR, keyed: bool = True):
     """Manifest (then the journal it replaces), artifacts, and the final state: Failed if any input failed."""
     _clean_work_area(run.work_root, run.storage)
-    manifest = write_manifest(rows, run.output_uri, run.run_id, run.storage, folder)
-    col.clear_journal(run.output_uri, run.run_id, run.storage)
+    manifest = write_manifest(rows, run.output_uri, run.run_id, run.storage, folder, run.settings.retry_seconds)
+    col.clear_journal(run.output_uri, run.run_id, run.storage, run.settings.retry_seconds)
     _report(rows, manifest, keyed)
     failed = sum(r["status"] == "failed" for r in rows)
     message = f"{len(rows)} images: {len(rows) - failed} ok or skipped, {failed} failed; manifest at {manifest}"
@@ -579,7 +603,7 @@ def _storage_options(block_name: str | None) -> dict:
 
 def _skip_done(jobs: list[col.ImageJob], run: _Run) -> tuple[list[dict], list[col.ImageJob]]:
     """Rows for failed plans and already-done inputs, and the jobs left to restore."""
-    done = set() if run.overwrite else col.previous_successes(run.output_uri, run.storage)
+    done = set() if run.overwrite else col.previous_successes(run.output_uri, run.storage, run.settings.retry_seconds)
     rows, todo = [], []
     for job in jobs:
         if job.status == "failed":

@@ -9,8 +9,10 @@ Parquet manifest (one row per input per run). `flows/restore_collection.py` orch
 from __future__ import annotations
 
 import hashlib
+import errno
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -25,8 +27,9 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import UnidentifiedImageError
 
 from gdp import __version__
-from gdp.io import ImageError, list_images, read_image, read_info, relative_path, write_image
+from gdp.io import ImageError, _write_atomic, list_images, read_image, read_info, relative_path, write_image
 
+_log = logging.getLogger(__name__)
 MANIFEST_DIR = "_manifests"
 WORK_DIR = "_work"
 MASK_SUFFIX = ".mask.png"
@@ -56,6 +59,7 @@ class Settings:
     # execution only (not hashed)
     batch_size: int = 8
     storage_options: dict = field(default_factory=dict, repr=False)
+    retry_seconds: float = 120.0  # how long one storage operation is retried through an outage (RETRY_DELAYS)
 
     def result_config(self, prior_id: str) -> dict:
         keys = ("task", "options", "steps", "seed", "guidance", "scale", "samples", "tiling", "patch", "stride",
@@ -88,9 +92,10 @@ class ImageJob:
 
 
 def discover(input_uri: str, pattern: str = "**/*", max_images: int | None = None,
-             storage_options: dict | None = None) -> list[str]:
+             storage_options: dict | None = None, retry_seconds: float = Settings.retry_seconds) -> list[str]:
     """Image URIs under input_uri (sorted), without inpainting sidecar masks."""
-    uris = [u for u in list_images(input_uri, pattern, **(storage_options or {})) if not u.endswith(MASK_SUFFIX)]
+    found = retrying(retry_seconds, list_images, input_uri, pattern, **(storage_options or {}))
+    uris = [u for u in found if not u.endswith(MASK_SUFFIX)]
     return uris[:max_images] if max_images else uris
 
 
@@ -173,26 +178,28 @@ def sha256_uri(uri: str, storage_options: dict | None = None, chunk: int = 1 << 
 
 def plan_image(uri: str, input_uri: str, output_root: str, settings: Settings, native: int,
                max_pixels: int | None = None) -> ImageJob:
-    """Header-only plan of one input (size, patches) plus its content hash; failures become a failed job."""
-    from gdp.operators import make_operator
-    from gdp.restore import plan_tiling
-    rel = ""
-    job = ImageJob(uri, rel, "")
+    """Header-only plan of one input (size, patches) plus its content hash. Storage hiccups are
+    retried (`retrying`); any error of this one file, after that, is a failed job, never an exception."""
+    job = ImageJob(uri, "", "")
     try:
         rel = relative_path(input_uri, uri) if uri != input_uri else posixpath.basename(uri)
-        job = ImageJob(uri, rel, "")
+        job = replace(job, relpath=rel)
         job = replace(job, output_uri=output_uri_for(output_root, rel))
-        kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-        info = read_info(uri, **kwargs, **settings.storage_options)
-        sha = sha256_uri(uri, settings.storage_options)
-        op = make_operator(settings.task, **_options_for_shape(settings))
-        _, _, h, w = op.x_shape((1, info.channels, info.height, info.width))
-        plan = plan_tiling(max(h, native), max(w, native), native, settings.tiling, settings.patch, settings.stride)
-        return replace(job, width=w, height=h, n_patches=plan["n_patches"], mode=plan["mode"], content_sha256=sha)
-    except UnsafePathError as e:
-        return replace(job, status="failed", error=f"{uri}: {one_line(e)}")
-    except (ImageError, ValueError) as e:
-        return replace(job, status="failed", error=one_line(e))
+        return retrying(settings.retry_seconds, _plan_one, job, settings, native, max_pixels)
+    except Exception as e:  # this file's problem, whatever it is: a row, and the other inputs go on
+        return replace(job, status="failed", error=describe(uri, e))
+
+
+def _plan_one(job: ImageJob, settings: Settings, native: int, max_pixels: int | None) -> ImageJob:
+    from gdp.operators import make_operator
+    from gdp.restore import plan_tiling
+    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    info = read_info(job.source_uri, **kwargs, **settings.storage_options)
+    sha = sha256_uri(job.source_uri, settings.storage_options)
+    op = make_operator(settings.task, **_options_for_shape(settings))
+    _, _, h, w = op.x_shape((1, info.channels, info.height, info.width))
+    plan = plan_tiling(max(h, native), max(w, native), native, settings.tiling, settings.patch, settings.stride)
+    return replace(job, width=w, height=h, n_patches=plan["n_patches"], mode=plan["mode"], content_sha256=sha)
 
 
 def _options_for_shape(settings: Settings) -> dict:
@@ -208,9 +215,104 @@ def one_line(e: BaseException) -> str:
     return text if isinstance(e, (ImageError, ValueError)) else f"{type(e).__name__}: {text}"
 
 
-def previous_successes(output_root: str, storage_options: dict | None = None) -> set[tuple[str, str]]:
+def describe(uri: str, e: BaseException) -> str:
+    """One line naming the file and the problem."""
+    text = one_line(e)
+    return text if text.startswith(uri) else f"{uri}: {text}"
+
+
+# ---------------------------------------------------------------------------------------------
+# transient errors and retries
+
+# errno values of a storage or network hiccup (s3fs maps S3's 500 to EIO and 503/SlowDown to EBUSY)
+_TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ECONNRESET,
+                               errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EIO, errno.ENETDOWN, errno.ENETRESET,
+                               errno.ENETUNREACH, errno.EPIPE, errno.ETIMEDOUT})
+_TRANSIENT_S3_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
+                                 "ThrottlingException", "503", "500"})
+_DEVICE_WORDS = ("CUDA", "cuDNN", "CUBLAS", "NCCL", "HIP error", "device-side", "ECC error")
+# waits between attempts of one storage operation (then the last one, repeated) until retry_seconds
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
+
+@lru_cache(maxsize=1)
+def _client_errors() -> tuple[type, ...]:
+    """The storage clients' own connection and timeout errors (none of them is an OSError)."""
+    types: list[type] = []
+    try:
+        from botocore import exceptions as b
+        types += [b.ConnectionError, b.HTTPClientError, b.IncompleteReadError, b.ResponseStreamingError]
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        pass
+    try:
+        import aiohttp
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def _chain(e: BaseException | None):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def is_transient(e: BaseException | None) -> bool:
+    """Whether an error is worth retrying: a storage or network hiccup (the builtin connection and
+    timeout errors, botocore's EndpointConnectionError, ConnectionClosedError and read/connect
+    timeouts, aiohttp's connection errors, S3's 500/503/SlowDown, OSErrors with a network errno),
+    or a device error. Never bad input (ImageError, ValueError), a missing or forbidden file, a
+    full disk, running out of memory, or a programming error."""
+    if e is None or _out_of_memory(e):
+        return False
+    for link in _chain(e):
+        if isinstance(link, (ConnectionError, TimeoutError)) or isinstance(link, _client_errors()):
+            return True
+        if isinstance(link, OSError) and link.errno in _TRANSIENT_ERRNOS:
+            return True
+        response = getattr(link, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if code in _TRANSIENT_S3_CODES or status >= 500 or status == 429:
+                return True
+        if type(link) is RuntimeError and any(w in str(link) for w in _DEVICE_WORDS):
+            return True
+    return False
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        "out of memory" in str(e) or "can't allocate memory" in str(e) or "not enough memory" in str(e)))
+
+
+def retrying(budget: float, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, called again after a transient error (`is_transient`) with the waits of
+    RETRY_DELAYS until `budget` seconds have passed; then, or on any other error, it raises."""
+    start, attempt = time.monotonic(), 0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+            if not is_transient(e) or time.monotonic() - start + delay > budget:
+                raise
+            _log.warning("transient storage error (%s); attempt %d again in %.1f s", one_line(e), attempt + 2, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def previous_successes(output_root: str, storage_options: dict | None = None,
+                       retry_seconds: float = Settings.retry_seconds) -> set[tuple[str, str]]:
     """(content_sha256, config_hash) of every ok row under output_root/_manifests: run manifests, child
     runs' partial manifests and the journals of runs that died before writing their manifest."""
+    return retrying(retry_seconds, _previous_successes, output_root, storage_options)
+
+
+def _previous_successes(output_root: str, storage_options: dict | None) -> set[tuple[str, str]]:
     import pandas as pd
     fs, root = fsspec.core.url_to_fs(join_uri(output_root, MANIFEST_DIR), **(storage_options or {}))
     if not fs.exists(root):
@@ -301,23 +403,30 @@ class ImageResult:
     error: str = ""
     parts: tuple[str, ...] = ()  # hierarchical: work files of window batches, merged by `assemble`
     estimated: str = "{}"  # blind tasks: the estimated degradation parameters (JSON)
+    retry: bool = False  # the error was transient: restore this image again
 
 
 def restore_shard(jobs: list[ImageJob], settings: Settings, work_root: str, device: str = "auto",
                   progress=None) -> list[ImageResult]:
-    """Restore every image of a shard on `device`; an image that cannot be read is an error row, not a crash.
+    """Restore every image of a shard on `device`; never raises for one image.
 
-    Transient errors (storage, device) propagate, so the orchestrator can retry the shard.
+    An image's own problem (bad input, out of memory, anything not transient) is its error result.
+    Storage hiccups are retried per operation (`retrying`); a transient error that outlasts that,
+    or a device error, stops the shard: the images restored so far keep their results and the
+    others get `retry=True` results, which the orchestrator restores again in a new shard.
     """
     device = resolve_device(device)
     prior = cached_prior(settings.prior, settings.preset, device)
     results = []
     with device_lock(device):
-        for job in jobs:
+        for k, job in enumerate(jobs):
             try:
                 results.append(_restore_one(job, settings, prior, work_root))
-            except (ImageError, ValueError) as e:
-                results.append(ImageResult(job, error=one_line(e)))
+            except Exception as e:
+                if is_transient(e):
+                    results += [ImageResult(j, error=describe(j.source_uri, e), retry=True) for j in jobs[k:]]
+                    break
+                results.append(ImageResult(job, error=describe(job.source_uri, e)))
             if progress:
                 progress(job)
     return results
@@ -330,15 +439,16 @@ def _operator_for(job: ImageJob, settings: Settings):
         opts["mask_file"] = job.source_uri.rsplit(".", 1)[0] + MASK_SUFFIX if settings.mask == "sidecar" else settings.mask
     try:
         return make_operator(settings.task, **opts)
-    except (FileNotFoundError, UnidentifiedImageError) as e:  # a missing/unreadable mask is bad input: no retry
+    except (FileNotFoundError, UnidentifiedImageError, ImageError) as e:  # a missing/unreadable mask: bad input
+        problem = e.problem if isinstance(e, ImageError) else type(e).__name__
         raise ImageError(job.source_uri, f"cannot read the inpainting mask {opts.get('mask_file')} "
-                                         f"({type(e).__name__})") from e
+                                         f"({problem})") from e
 
 
 def _restore_one(job: ImageJob, settings: Settings, prior, work_root: str) -> ImageResult:
-    from gdp.restore import default_guidance, prepare_observation, restore
-    img = read_image(job.source_uri, **settings.storage_options)
-    op = _operator_for(job, settings)
+    from gdp.restore import prepare_observation, restore
+    img = retrying(settings.retry_seconds, read_image, job.source_uri, **settings.storage_options)
+    op = retrying(settings.retry_seconds, _operator_for, job, settings)
     y, gray = prepare_observation(img.pixels, settings.task, op)
     guidance = _guidance(settings)
     result = restore(y, settings.task, prior, operator=op, steps=settings.steps, seed=[settings.seed],
@@ -346,23 +456,22 @@ def _restore_one(job: ImageJob, settings: Settings, prior, work_root: str) -> Im
                      stride=settings.stride, batch_size=settings.batch_size, blend=settings.blend)
     work_uri = join_uri(work_root, hashlib.sha1(job.relpath.encode()).hexdigest()[:16] + ".safetensors")
     _save_tile(work_uri, result.image[0].cpu(), {"gray": str(gray), "bit_depth": str(img.bit_depth)},
-               settings.storage_options)
+               settings.storage_options, settings.retry_seconds)
     estimated = json.dumps(result.params["per_image"][0]) if result.params else "{}"
     return ImageResult(job, work_uri, result.nfe, result.seconds, float(result.consistency_psnr[0]), result.tiling,
                        estimated=estimated)
 
 
-def _save_tile(uri: str, pixels: torch.Tensor, meta: dict, storage_options: dict) -> None:
+def _save_tile(uri: str, pixels: torch.Tensor, meta: dict, storage_options: dict,
+               retry_seconds: float = Settings.retry_seconds) -> None:
     from safetensors.torch import save
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    fs.pipe_file(path, save({"pixels": pixels.contiguous()}, metadata=meta))
+    retrying(retry_seconds, _put_atomic, uri, save({"pixels": pixels.contiguous()}, metadata=meta), storage_options)
 
 
-def _load_tile(uri: str, storage_options: dict) -> tuple[torch.Tensor, dict]:
+def _load_tile(uri: str, storage_options: dict, retry_seconds: float = Settings.retry_seconds) -> tuple[torch.Tensor, dict]:
     from safetensors.torch import load
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    data = fs.cat_file(path)
+    data = retrying(retry_seconds, fs.cat_file, path)
     header_len = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
     return load(data)["pixels"], meta
@@ -386,8 +495,8 @@ def image_key(job: ImageJob) -> str:
 
 def _observation(job: ImageJob, settings: Settings):
     from gdp.restore import prepare_observation
-    img = read_image(job.source_uri, **settings.storage_options)
-    op = _operator_for(job, settings)
+    img = retrying(settings.retry_seconds, read_image, job.source_uri, **settings.storage_options)
+    op = retrying(settings.retry_seconds, _operator_for, job, settings)
     y, gray = prepare_observation(img.pixels, settings.task, op)
     return img, op, y, gray
 
@@ -420,7 +529,7 @@ def coarse_pass(job: ImageJob, settings: Settings, work_root: str, device: str =
     if getattr(op, "blind", False):  # the global pass's estimate, used fixed by every window (exact in JSON)
         meta = {"params": json.dumps({k: v.cpu().tolist() for k, v in op.params.items()}),
                 "estimated": json.dumps(op.describe()[0])}
-    _save_tile(uri, coarse[0].cpu(), meta, settings.storage_options)
+    _save_tile(uri, coarse[0].cpu(), meta, settings.storage_options, settings.retry_seconds)
     return uri, nfe, seconds
 
 
@@ -457,27 +566,25 @@ def split_windows(n_patches: int, parts: int) -> list[tuple[int, int]]:
     return [(bounds[k], bounds[k + 1]) for k in range(parts)]
 
 
-def write_json(uri: str, value, storage_options: dict | None = None) -> None:
+def write_json(uri: str, value, storage_options: dict | None = None, retry_seconds: float = Settings.retry_seconds) -> None:
     """Write a small JSON document in one piece."""
-    _put_atomic(uri, json.dumps(value).encode(), storage_options)
+    retrying(retry_seconds, _put_atomic, uri, json.dumps(value).encode(), storage_options)
 
 
 def _put_atomic(uri: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write `data` so that readers see the whole file or none: rename on a local disk; an object
-    store's single PUT already is."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path + ".tmp", data)
-        fs.mv(path + ".tmp", path)
-    else:
-        fs.pipe_file(path, data)
+    """Write `data` so that readers see the whole file or none (`gdp.io`'s atomic write: a hidden
+    temporary file beside it, fsynced and renamed, removed if the write fails, on a local disk; an
+    object store's single PUT already is)."""
+    _write_atomic(uri, data, storage_options or {})
 
 
-def read_json(uri: str, storage_options: dict | None = None):
+def read_json(uri: str, storage_options: dict | None = None, retry_seconds: float = Settings.retry_seconds):
     """The JSON document at `uri`, or None when there is none."""
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    try:
+        return json.loads(retrying(retry_seconds, fs.cat_file, path))
+    except FileNotFoundError:
+        return None
 
 
 def restore_window_batches(batches: list[WindowBatch], settings: Settings, work_root: str,
@@ -492,7 +599,8 @@ def restore_window_batches(batches: list[WindowBatch], settings: Settings, work_
         job = batch.job
         _, op, y, _ = _observation(job, settings)
         plan = _hierarchical_plan(job, settings, prior.image_size, op)
-        coarse, meta = _load_tile(join_uri(work_root, image_key(job) + ".coarse.safetensors"), settings.storage_options)
+        coarse, meta = _load_tile(join_uri(work_root, image_key(job) + ".coarse.safetensors"), settings.storage_options,
+                                  settings.retry_seconds)
         bind_estimate(op, meta)
         with device_lock(device):
             t0 = time.perf_counter()
@@ -500,7 +608,8 @@ def restore_window_batches(batches: list[WindowBatch], settings: Settings, work_
                                            settings.steps, settings.seed, _guidance(settings), settings.batch_size)
             seconds = time.perf_counter() - t0
         uri = join_uri(work_root, f"{image_key(job)}.w{batch.indices[0]:06d}.safetensors")
-        _save_tile(uri, patches.cpu(), {"indices": json.dumps(list(batch.indices))}, settings.storage_options)
+        _save_tile(uri, patches.cpu(), {"indices": json.dumps(list(batch.indices))}, settings.storage_options,
+                   settings.retry_seconds)
         out.append((job.relpath, uri, nfe, seconds))
     return out
 
@@ -510,7 +619,7 @@ def merge_parts(job: ImageJob, parts: tuple[str, ...], settings: Settings, op) -
     from gdp.tiling import StreamingMerger
     merger = None
     for uri in sorted(parts):  # file names carry the first window index: row-major order
-        patches, meta = _load_tile(uri, settings.storage_options)
+        patches, meta = _load_tile(uri, settings.storage_options, settings.retry_seconds)
         if merger is None:
             plan = _hierarchical_plan(job, settings, patches.shape[-1], op)
             merger = StreamingMerger(job.height, job.width, patches.shape[1], plan.patch, plan.stride, settings.blend)
@@ -539,22 +648,25 @@ def assemble(result: ImageResult, settings: Settings, prior_id: str, config_hash
         src, op, y, gray = _observation(job, settings)
         if getattr(op, "blind", False):
             _, meta = _load_tile(posixpath.join(posixpath.dirname(result.parts[0]), image_key(job) + ".coarse.safetensors"),
-                                 settings.storage_options)
+                                 settings.storage_options, settings.retry_seconds)
             bind_estimate(op, meta)
             estimated = meta["estimated"]
         pixels = merge_parts(job, result.parts, settings, op)
         consistency = float(consistency_psnr(op, pixels, y)[0])
         image = finish_output(pixels, settings.task, gray)
     else:
-        pixels, meta = _load_tile(result.work_uri, settings.storage_options)
+        pixels, meta = _load_tile(result.work_uri, settings.storage_options, settings.retry_seconds)
         image = finish_output(pixels[None], settings.task, meta.get("gray") == "True")
-        src = read_image(job.source_uri, **settings.storage_options)  # ICC/EXIF to carry over
-    write_image(job.output_uri, image, bit_depth=src.bit_depth, icc_profile=src.icc_profile, exif=src.exif,
-                dpi=src.dpi_for(image.shape[-1], image.shape[-2]), protect=job.source_uri, **settings.storage_options)
+        src = retrying(settings.retry_seconds, read_image, job.source_uri,  # ICC/EXIF to carry over
+                       **settings.storage_options)
+    retrying(settings.retry_seconds, write_image, job.output_uri, image, bit_depth=src.bit_depth,
+             icc_profile=src.icc_profile, exif=src.exif, dpi=src.dpi_for(image.shape[-1], image.shape[-2]),
+             protect=job.source_uri, **settings.storage_options)
     row.update(status="ok", nfe=result.nfe, seconds=round(result.seconds, 3), estimated_params_json=estimated,
                consistency_psnr=consistency, n_patches=result.tiling.get("n_patches", job.n_patches))
     if reference_uri:
-        ref = read_image(join_uri(reference_uri, job.relpath), **settings.storage_options).pixels
+        ref = retrying(settings.retry_seconds, read_image, join_uri(reference_uri, job.relpath),
+                       **settings.storage_options).pixels
         if ref.shape[-2:] != image.shape[-2:]:
             raise ImageError(join_uri(reference_uri, job.relpath),
                              f"reference is {ref.shape[-1]}x{ref.shape[-2]}, output is {image.shape[-1]}x{image.shape[-2]}")
@@ -566,9 +678,17 @@ def assemble(result: ImageResult, settings: Settings, prior_id: str, config_hash
         if result.parts else ""
     for uri in (result.work_uri, *result.parts, coarse):
         if uri:
-            fs, path = fsspec.core.url_to_fs(uri, **settings.storage_options)
-            fs.rm(path)
+            retrying(settings.retry_seconds, _remove, uri, settings.storage_options)
     return row
+
+
+def _remove(uri: str, storage_options: dict) -> None:
+    """Delete one file; one already gone (an earlier attempt's) is fine."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
 
 
 def manifest_row(job: ImageJob, settings: Settings, prior_id: str, config_hash: str, run_id: str) -> dict:
@@ -595,10 +715,10 @@ def manifest_schema():
 
 
 def write_manifest(rows: list[dict], output_root: str, run_id: str, storage_options: dict | None = None,
-                   folder: str = MANIFEST_DIR) -> str:
+                   folder: str = MANIFEST_DIR, retry_seconds: float = Settings.retry_seconds) -> str:
     """One Parquet file per run at OUTPUT/<folder>/run-<run_id>.parquet (written in one upload)."""
     uri = join_uri(output_root, folder, f"run-{run_id}.parquet")
-    _write_rows(rows, uri, storage_options)
+    _write_rows(rows, uri, storage_options, retry_seconds)
     return uri
 
 
@@ -607,37 +727,44 @@ def shard_manifest_uri(output_root: str, run_id: str) -> str:
     return join_uri(output_root, MANIFEST_DIR, SHARD_MANIFEST_DIR, f"run-{run_id}.parquet")
 
 
-def read_manifest(uri: str, storage_options: dict | None = None) -> list[dict]:
+def read_manifest(uri: str, storage_options: dict | None = None, retry_seconds: float = Settings.retry_seconds) -> list[dict]:
     import pyarrow.parquet as pq
-    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-        return pq.read_table(f).to_pylist()
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return pq.read_table(io.BytesIO(retrying(retry_seconds, fs.cat_file, path))).to_pylist()
 
 
-def journal_row(row: dict, output_root: str, run_id: str, storage_options: dict | None = None) -> str:
+def journal_row(row: dict, output_root: str, run_id: str, storage_options: dict | None = None,
+                retry_seconds: float = Settings.retry_seconds) -> str:
     """Record one finished input at once, so that a run that dies before its manifest loses nothing:
     `previous_successes` reads journals, and a re-run skips the input instead of writing it again."""
     name = hashlib.sha1(row["source_uri"].encode()).hexdigest()[:16] + ".parquet"
     uri = join_uri(output_root, MANIFEST_DIR, JOURNAL_DIR, f"run-{run_id}", name)
-    _write_rows([row], uri, storage_options)
+    _write_rows([row], uri, storage_options, retry_seconds)
     return uri
 
 
-def clear_journal(output_root: str, run_id: str, storage_options: dict | None = None) -> None:
+def clear_journal(output_root: str, run_id: str, storage_options: dict | None = None,
+                  retry_seconds: float = Settings.retry_seconds) -> None:
     """Drop a run's journal once its manifest holds the same rows."""
-    fs, path = fsspec.core.url_to_fs(join_uri(output_root, MANIFEST_DIR, JOURNAL_DIR, f"run-{run_id}"),
-                                     **(storage_options or {}))
+    retrying(retry_seconds, _remove_tree, join_uri(output_root, MANIFEST_DIR, JOURNAL_DIR, f"run-{run_id}"),
+             storage_options or {})
+
+
+def _remove_tree(uri: str, storage_options: dict) -> None:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
 
-def _write_rows(rows: list[dict], uri: str, storage_options: dict | None = None) -> None:
+def _write_rows(rows: list[dict], uri: str, storage_options: dict | None = None,
+                retry_seconds: float = Settings.retry_seconds) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     schema = manifest_schema()
     table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    _put_atomic(uri, buf.getvalue(), storage_options)
+    retrying(retry_seconds, _put_atomic, uri, buf.getvalue(), storage_options)
 
 
 def summarise(rows: list[dict]) -> dict:

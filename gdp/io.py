@@ -585,6 +585,11 @@ def check_writable(uri: str | os.PathLike[str], *, bit_depth: int = 8, format: s
         raise ImageError(uri, f"cannot write into {parent} (permission denied)")
 
 
+def writable_bit_depth(uri: str | os.PathLike[str], bit_depth: int, format: str | None = None) -> int:
+    """`bit_depth`, or 8 where the output format cannot hold 16 bits (JPEG, WEBP, BMP)."""
+    return bit_depth if _output_format(os.fspath(uri), format, 8) in _SIXTEEN_BIT_FORMATS else 8
+
+
 def _output_format(uri: str, format: str | None, bit_depth: int) -> str:
     ext = posixpath.splitext(uri)[1].lower()
     fmt = format.upper() if format else _FORMATS.get(ext)

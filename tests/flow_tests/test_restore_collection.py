@@ -342,7 +342,7 @@ def test_assemble_failure_after_retries_is_a_full_row(tmp_path, images, tiny_pri
                                options={"factor": 2}, prior=tiny_prior_path, steps=1)
     assert state.is_failed() and "1 failed" in state.message
     (row,) = pq.read_table(manifest).to_pylist()
-    assert row["status"] == "failed" and row["error"] == "RuntimeError: disk full"
+    assert row["status"] == "failed" and row["error"] == f"{tmp_path / 'in' / 'a.png'}: RuntimeError: disk full"
     assert row["source_uri"] == str(tmp_path / "in" / "a.png") and row["width"] == 32
 
 
@@ -409,9 +409,12 @@ def test_transient_retry_condition():
     from flows.restore_collection import _transient
     assert _transient(None, None, Failed(data=ImageError("s3://b/a.png", "truncated file"))) is False
     assert _transient(None, None, Failed(data=ValueError("bad option"))) is False
-    assert _transient(None, None, Failed(data=OSError("connection reset"))) is True
+    assert _transient(None, None, Failed(data=ConnectionResetError("connection reset"))) is True
     assert _transient(None, None, Failed(data=RuntimeError("CUDA error: unspecified launch failure"))) is True
+    assert _transient(None, None, Failed(data=RuntimeError("CUDA out of memory"))) is False
     assert _transient(None, None, Failed(data=KeyError("source_uri"))) is False  # a bug: fail fast, no retry
+    from botocore.exceptions import EndpointConnectionError
+    assert _transient(None, None, Failed(data=EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))) is True
 
 
 def test_hierarchical_mode_shards_windows_across_images(tmp_path, tiny_prior_path):
