@@ -39,6 +39,9 @@ class HierarchicalPlan:
 def plan_hierarchical(height: int, width: int, patch: int, stride: int | None = None, align: int = 1) -> HierarchicalPlan:
     """Windows of `patch` (offsets multiples of `align`, e.g. the SR factor) and the coarse scale."""
     stride = stride or (3 * patch) // 4
+    if align > patch:
+        raise ValueError(f"hierarchical tiling aligns its {patch}-pixel windows to whole low-resolution pixels, so "
+                         f"the sr factor must be at most {patch}, got {align}; restore in two steps of a smaller factor")
     if patch % align or stride % align:
         stride = max(align, stride // align * align)
         patch = patch // align * align

@@ -158,3 +158,166 @@ def test_refuses_to_overwrite_its_input(capsys, tmp_path, photo_png, tiny_prior_
     last = err.strip().splitlines()[-1]
     assert last.startswith("gdp: error:") and "refusing to overwrite the input" in last
     assert Path(photo_png).read_bytes() == before
+
+
+# --- help texts and early, one-line refusals (issue 19.4, issue 15.8) ---------------------------
+
+
+def _help(capsys, *command) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def _option_help(text: str, option: str) -> str:
+    """The help of one option: from its name (after the usage line) to the next option's."""
+    start = text.index(f" {option} ", text.index(" options: "))
+    following = [text.find(" --", start + len(option) + 2)]
+    return text[start:min(i for i in following if i > 0)]
+
+
+def test_restore_help_describes_the_command_and_every_option_with_its_default(capsys):
+    from gdp.guidance import DEFAULT_SCALES
+    text = _help(capsys, "restore")
+    assert "Restore one observation with GDP" in text and "about how long" in text
+    assert "(default: 100)" in _option_help(text, "--steps")
+    assert "seed" in _option_help(text, "--seed") and "(default: 0)" in _option_help(text, "--seed")
+    assert "hierarchical" in _option_help(text, "--tiling") and "(default: auto)" in _option_help(text, "--tiling")
+    assert "super-resolution" in _option_help(text, "--task")
+    assert "(default: 8)" in _option_help(text, "--batch-size")
+    scale = _option_help(text, "--scale")
+    for task, value in DEFAULT_SCALES.items():  # every task's default scale, as the library has it
+        name = "blind deblur" if task == "blind-deblur" else task
+        assert f"{name} {value:.0f}" in scale, (task, scale)
+    assert "half the usable cores" in _option_help(text, "--threads")
+
+
+def test_degrade_help_explains_its_positionals(capsys):
+    text = _help(capsys, "degrade")
+    assert "CLEAN the clean image (the ground truth) to degrade" in text
+    assert "OBS where to write the observation" in text
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--patch", "7", "argument --patch: must be an integer >= 8, got 7"),
+    ("--patch", "0", "argument --patch: must be an integer >= 8, got 0"),
+    ("--batch-size", "-1", "argument --batch-size: must be an integer >= 1, got -1"),
+    ("--scale", "inf", "argument --scale: must be a finite number >= 0, got inf"),
+    ("--scale", "nan", "argument --scale: must be a finite number >= 0, got nan"),
+    ("--steps", "0", "argument --steps: must be an integer between 1 and 1000, got 0"),
+    ("--samples", "0", "argument --samples: must be an integer >= 1, got 0"),
+    ("--factor", "0", "argument --factor: must be an integer >= 1, got 0"),
+    ("--threads", "0", "argument --threads: must be an integer >= 1, got 0"),
+    ("--mask-ratio", "1.5", "argument --mask-ratio: must be a finite number in [0, 1], got 1.5"),
+])
+def test_bad_numbers_are_refused_in_one_line(capsys, tmp_path, photo_png, tiny_prior_file, option, value, expected):
+    line = _bad_restore(capsys, tmp_path, photo_png, "--task", "sr", "--prior", tiny_prior_file, option, value)
+    assert expected in line
+
+
+def test_patch_the_network_cannot_take_is_refused_before_sampling(capsys, tmp_path, photo_png, tiny_prior_file):
+    # adm-tiny-32 halves its input once: a 9-pixel patch would fail inside the UNet
+    line = _bad_restore(capsys, tmp_path, photo_png, "--task", "sr", "--prior", tiny_prior_file, "--patch", "9", *FAST)
+    assert "--patch 9: this prior's network halves its input 1 times, so the patch must be a multiple of 2" in line
+    assert "restore" not in capsys.readouterr().err
+    line = _bad_restore(capsys, tmp_path, photo_png, "--task", "sr", "--prior", tiny_prior_file, "--stride", "40", *FAST)
+    assert "--stride 40 is larger than the patch (32 pixels)" in line
+
+
+def test_unknown_device_is_one_line(capsys, tmp_path, photo_png, tiny_prior_file):
+    line = _bad_restore(capsys, tmp_path, photo_png, "--task", "sr", "--prior", tiny_prior_file, "--steps", "2",
+                        "--device", "banana")
+    assert "unknown device 'banana': use auto, cpu, cuda or cuda:N" in line
+
+
+def test_prior_with_bad_metadata_is_one_line(capsys, tmp_path, photo_png, tiny_prior):
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in tiny_prior.unet.state_dict().items()}
+    for name, spec in [("notjson", "{not json"), ("nounet", "{}"), ("badkeys", '{"unet": {"colour": 3}}')]:
+        path = tmp_path / f"{name}.safetensors"
+        save_file(state, str(path), metadata={"gdp_spec": spec})
+        line = _bad_restore(capsys, tmp_path, photo_png, "--task", "sr", "--prior", path, *FAST)
+        assert f"{path}: its gdp_spec metadata does not describe an architecture" in line and "--preset" in line
+
+
+def test_missing_or_garbage_mask_is_one_line_naming_the_file(capsys, tmp_path, photo_png, tiny_prior_file):
+    missing = tmp_path / "missing.png"
+    line = _bad_restore(capsys, tmp_path, photo_png, "--task", "inpaint", "--mask", missing,
+                        "--prior", tiny_prior_file, *FAST)
+    assert line == f"gdp: error: {missing}: no such file"
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not a mask" * 20)
+    line = _bad_restore(capsys, tmp_path, photo_png, "--task", "inpaint", "--mask", garbage,
+                        "--prior", tiny_prior_file, *FAST)
+    assert line == f"gdp: error: {garbage}: not an image (cannot identify image file)"
+    kernel = tmp_path / "kernel.npy"
+    kernel.write_bytes(b"garbage" * 10)
+    line = _bad_restore(capsys, tmp_path, photo_png, "--task", "deblur", "--kernel-file", kernel,
+                        "--prior", tiny_prior_file, *FAST)
+    assert f"{kernel}: not a kernel array (.npy)" in line
+
+
+def test_unwritable_output_is_refused_before_restoring(capsys, tmp_path, photo_png, tiny_prior_file):
+    (tmp_path / "afile").write_text("x")
+    for out, problem in [(tmp_path / "afile" / "out.png", f"cannot create it: {tmp_path / 'afile'} is a file"),
+                         (tmp_path / "out.xyz", "unknown image format '.xyz'")]:
+        code, _, err = run(capsys, "restore", photo_png, out, "--task", "sr", "--prior", tiny_prior_file, *FAST)
+        assert code == EXIT_BAD_INPUT and problem in only_error_line(err)  # no plan line, no progress bar
+
+
+def test_sr_factor_larger_than_the_window_or_the_image_is_explained(capsys, tmp_path, photo_png, tiny_prior_file):
+    line = _bad_restore(capsys, tmp_path, photo_png, "--task", "sr", "--factor", "100", "--prior", tiny_prior_file,
+                        *FAST)
+    assert "the sr factor must be at most 32, got 100" in line
+    code, _, err = run(capsys, "degrade", photo_png, tmp_path / "d.png", "--task", "sr", "--factor", "1000")
+    line = only_error_line(err)
+    assert code == EXIT_BAD_INPUT and "sr factor 1000 is larger than the image (40x40)" in line and "0x0" not in line
+
+
+def test_restore_says_what_it_will_do_before_the_progress_bar(capsys, tmp_path, photo_png, tiny_prior_file):
+    code, info, err = run(capsys, "restore", photo_png, tmp_path / "o.png", "--task", "sr", "--factor", "2",
+                          "--prior", tiny_prior_file, *FAST, "--threads", "1")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    plan = lines[0]
+    assert plan.startswith("restore sr x2: 40x40 -> 80x80 (0.0064 MP), fused tiling: 9 windows of 32 px, stride 24; "
+                           "3 steps: NFE 27 in 6 network calls of 8 on cpu (1 CPU thread); about ")
+    assert info["nfe"] == 27 and info["tiling"]["n_patches"] == 9  # as planned
+    assert lines[1].startswith("restore ") and "|" in lines[1]  # then the progress bar
+
+
+def test_dpi_and_exif_reach_the_restored_file(capsys, tmp_path, photo_crop, tiny_prior_file):
+    """x2 super-resolution doubles the DPI (the same print size); deblurring keeps it. EXIF is carried."""
+    exif = Image.Exif()
+    exif[0x010F] = "gdp-test"
+    obs = tmp_path / "scan.png"
+    array = (photo_crop(40, 40, top=40, left=120)[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    Image.fromarray(array).save(obs, dpi=(300, 300), exif=exif)
+    for task, extra, dpi in [("sr", ["--factor", "2"], 600), ("deblur", [], 300)]:
+        out = tmp_path / f"{task}.jpg"
+        code, info, err = run(capsys, "restore", obs, out, "--task", task, *extra, "--prior", tiny_prior_file, *FAST)
+        assert code == 0, err
+        assert info["dpi"] == [dpi, dpi]
+        with Image.open(out) as im:
+            assert im.info["dpi"] == (dpi, dpi) and im.getexif()[0x010F] == "gdp-test"
+
+
+def test_sixteen_bit_input_into_jpeg_is_written_as_8_bit_with_a_note(capsys, tmp_path, tiny_prior_file):
+    gt = tmp_path / "gray16.png"
+    write_image(str(gt), photo(32, 32, name="camera", top=100, left=150), bit_depth=16)
+    code, info, err = run(capsys, "restore", gt, tmp_path / "out.jpg", "--task", "deblur", "--prior",
+                          tiny_prior_file, *FAST)
+    assert code == 0, err
+    assert read_image(str(tmp_path / "out.jpg")).bit_depth == 8
+    assert f"wrote 8-bit: {tmp_path / 'out.jpg'} cannot hold 16 bits" in info["notes"]
+
+
+def test_threads_default_is_half_the_cores_unless_omp_num_threads_is_set(monkeypatch):
+    from gdp.cli import default_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert default_threads() == max(1, cores // 2)
+    assert default_threads(devices=cores) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3

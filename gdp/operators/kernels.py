@@ -12,7 +12,6 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 
@@ -68,12 +67,20 @@ def normalise_kernel(kernel: Any) -> Tensor:
 
 
 def load_kernel(path: str) -> Tensor:
-    """Kernel from a `.npy` array or a grayscale image (any PIL format), via fsspec; sum 1."""
-    with fsspec.open(path, "rb") as f:
-        if PurePath(path).suffix.lower() == ".npy":
+    """Kernel from a `.npy` array or a grayscale image (decoded by gdp.io), via fsspec; sum 1.
+    A missing or unreadable file raises a ValueError naming it (gdp.io.ImageError for images)."""
+    if PurePath(path).suffix.lower() != ".npy":
+        from gdp.io import read_image
+        image = read_image(path)
+        levels = image.pixels.double().mean(dim=1)[0] * (65535 if image.bit_depth == 16 else 255)
+        return normalise_kernel(levels.round())
+    try:
+        with fsspec.open(path, "rb") as f:
             array = np.load(f)
-        else:
-            array = np.asarray(Image.open(f).convert("L"), dtype=np.float64)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such kernel file") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a kernel array (.npy): {' '.join(str(e).split())}") from None
     return normalise_kernel(array)
 
 

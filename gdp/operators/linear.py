@@ -84,6 +84,9 @@ class SuperResolution(Operator):
         f = self.factor
         if self.filter == "bicubic":
             return (b, c, math.ceil(h / f), math.ceil(w / f))
+        if f > min(h, w):
+            raise ValueError(f"sr factor {f} is larger than the image ({w}x{h}): a x{f} observation of it "
+                             "would have no pixels; choose a factor of at most " + str(min(h, w)))
         if h % f or w % f:
             raise ValueError(
                 f"sr avgpool needs H and W divisible by the factor {f}, got {h}x{w}; crop the "

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 
@@ -55,7 +53,8 @@ def as_mask(mask: Any) -> Tensor:
 
 
 def load_mask(path: str) -> Tensor:
-    """Mask from an image file (via fsspec), converted to L: >= 128 (white) = known."""
-    with fsspec.open(path, "rb") as f:
-        grey = np.asarray(Image.open(f).convert("L"))
-    return torch.from_numpy((grey >= 128).astype(np.float64))
+    """Mask from an image file (via fsspec, decoded by gdp.io), gray: >= 128 (white) = known.
+    A missing or unreadable file raises gdp.io.ImageError naming it."""
+    from gdp.io import read_image
+    pixels = read_image(path).pixels.mean(dim=1)[0]  # [H, W] in [0, 1]; a colour mask by its mean
+    return ((pixels * 255).round() >= 128).to(torch.float64)

@@ -155,7 +155,10 @@ def resolve_device(name: str | torch.device) -> torch.device:
     """"auto" picks CUDA when available, else the CPU; anything else is taken as given."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
 
 
 def prior_uri(source: str) -> str:
@@ -173,7 +176,11 @@ def load_prior(source: str = "default", *, preset: str | None = None, device: st
     if preset is not None:
         spec = PriorSpec.from_preset(preset)
     elif "gdp_spec" in meta:
-        spec = PriorSpec.from_dict(json.loads(meta["gdp_spec"]))
+        try:
+            spec = PriorSpec.from_dict(json.loads(meta["gdp_spec"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{uri}: its gdp_spec metadata does not describe an architecture "
+                                  f"({type(e).__name__}: {e}); pass --preset to name it") from None
     else:
         spec = PriorSpec.from_preset("adm-256-uncond")
     prior_id = (spec.preset or "custom") + "-" + hashlib.sha256(data).hexdigest()[:12]
