@@ -1,4 +1,4 @@
-"""Command line: `gdp degrade`, `gdp restore`, `gdp train` (also `python -m gdp`).
+"""Command line: `gdp degrade`, `gdp restore`, `gdp train`, `gdp data build` (also `python -m gdp`).
 
 Errors in the input (missing or corrupt images, unknown options, checkpoints that do not fit)
 print one line on stderr and exit with status 2; nothing is written.
@@ -265,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("data", help="folder or URL of clean training images")
     t.add_argument("out", help="output folder or URL (checkpoints, prior.safetensors, sample grids)")
     add_train_options(t)
+
+    data = sub.add_parser("data", help="the prior's training set (gdp data build OUT)")
+    data_sub = data.add_subparsers(dest="data_command", metavar="build", required=True, parser_class=_Parser)
+    b = data_sub.add_parser("build", help="fetch the photos listed in gdp/assets/prior_sources.json (Debian "
+                            "packages, scikit-image), check their sha256, downscale and write OUT/train, "
+                            "OUT/heldout and OUT/manifest.parquet")
+    b.add_argument("out", help="local output folder (built next to it, then renamed)")
+    b.add_argument("--permissive-only", action="store_true",
+                   help="only files under CC0, public-domain or CC-BY licences")
+    b.add_argument("--overwrite", action="store_true", help="replace OUT when it exists and is not empty")
     return parser
 
 
@@ -509,7 +519,13 @@ def cmd_train(args: argparse.Namespace) -> dict:
             "final_loss": round(result.final_loss, 5)}
 
 
-COMMANDS = {"degrade": cmd_degrade, "restore": cmd_restore, "train": cmd_train}
+def cmd_data(args: argparse.Namespace) -> dict:
+    from gdp.data import build_dataset
+    report = build_dataset(args.out, permissive_only=args.permissive_only, overwrite=args.overwrite)
+    return report.to_dict()
+
+
+COMMANDS = {"degrade": cmd_degrade, "restore": cmd_restore, "train": cmd_train, "data": cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

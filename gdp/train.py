@@ -75,9 +75,12 @@ class DataError(ValueError):
 
 def load_training_images(uri: str, crop: int, exclude: tuple[str, ...] = ()) -> tuple[list[torch.Tensor], list[str]]:
     """Float `[3, H, W]` tensors in [-1, 1] of every readable image >= crop under `uri`, plus the
-    skipped files with reasons (unreadable, too small)."""
+    skipped files with reasons (unreadable, too small). A data set written by `gdp data build`
+    trains on its `train/` folder only (never on `heldout/`)."""
+    from gdp.data import training_folder
     from gdp.io import IMAGE_EXTENSIONS, ImageError, list_images, read_image
 
+    uri = training_folder(uri)
     files = [f for f in list_images(uri) if f.rsplit("/", 1)[-1] not in exclude]
     if not files:
         raise DataError(f"{uri}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
