@@ -1,11 +1,18 @@
 """`python -m flows restore INPUT_URI OUTPUT_URI --task ...` runs the restore-collection flow;
 `python -m flows demo` restores the bundled sample collection against a local Prefect server;
 `python -m flows train DATA OUT ...` runs the train-prior flow;
-`python -m flows evaluate REFERENCE_URI OUT_URI ...` runs the evaluate flow (GDP against baselines)."""
+`python -m flows evaluate REFERENCE_URI OUT_URI ...` runs the evaluate flow (GDP against baselines).
+
+Which Prefect server: the one at PREFECT_API_URL when it is set (`demo` starts one at 127.0.0.1:4200
+and sets it), else a temporary server that Prefect starts for this one run and stops at its end (no
+UI). Either way the settings in PROJECT_SETTINGS apply unless the user set them (environment, .env,
+prefect.toml, the active profile). Bad parameters are refused before any server starts."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -13,56 +20,73 @@ import time
 import urllib.request
 from pathlib import Path
 
-from gdp.cli import UsageError, _add_task_options, _Parser, add_restore_options, add_train_options, train_config
+from gdp.cli import (UsageError, _add_task_options, _Parser, add_blind_options, add_restore_options, add_threads_option,
+                     add_train_options, integer, set_threads, train_config)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 UI = "http://127.0.0.1:4200"
+# What a local run needs from Prefect (a user's own value wins). The temporary server's telemetry logs
+# an ERROR on a machine without internet, and its heartbeat, writing while the run writes, printed
+# about 130 lines of "database is locked" tracebacks on a busy machine; its default 20 s to start
+# was too short on a loaded one ("Timed out while attempting to connect to ephemeral Prefect API server").
+PROJECT_SETTINGS = {"PREFECT_SERVER_ANALYTICS_ENABLED": False, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": 120}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m flows", description="Run the gdp Prefect flows locally")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    r = sub.add_parser("restore", help="restore a collection (restore-collection flow)")
-    r.add_argument("input_uri")
-    r.add_argument("output_uri")
+    r = sub.add_parser("restore", help="restore a collection (restore-collection flow)",
+                       description="Restore every image under INPUT_URI into OUTPUT_URI (same relative paths and "
+                                   "formats) with the restore-collection flow, and write a Parquet manifest under "
+                                   "OUTPUT_URI/_manifests. Talks to the Prefect server at PREFECT_API_URL, or to a "
+                                   "temporary one started for this run (no UI).")
+    r.add_argument("input_uri", help="folder or fsspec URL of the images (s3://bucket/prefix, ./scans)")
+    r.add_argument("output_uri", help="where the restored images and the manifest go")
     _add_task_options(r)
     add_restore_options(r)
-    r.add_argument("--devices", nargs="+", default=["auto"])
-    r.add_argument("--pattern", default="**/*")
-    r.add_argument("--reference-uri")
-    r.add_argument("--max-images", type=int)
-    r.add_argument("--overwrite", action="store_true")
-    r.add_argument("--shards", type=int, default=1, help="N > 1: N child runs of the restore-shard/gpu deployment")
-    r.add_argument("--task-runner", choices=["thread", "dask"], default="thread")
+    add_blind_options(r, single_image=False)
+    r.add_argument("--devices", nargs="+", default=["auto"],
+                   help="devices that restore at once, e.g. cuda:0 cuda:1, or cpu cpu for two CPU workers")
+    add_threads_option(r)
+    r.add_argument("--pattern", default="**/*", help="glob of the images below INPUT_URI")
+    r.add_argument("--reference-uri", help="clean images at the same relative paths: PSNR and SSIM in the manifest")
+    r.add_argument("--max-images", type=integer(1), help="restore at most this many images (the first, sorted)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="restore again inputs already done with the same configuration (default: skip them)")
+    r.add_argument("--shards", type=integer(1, 1024), default=1,
+                   help="N > 1: N child runs of the restore-shard/gpu deployment")
+    r.add_argument("--task-runner", choices=["thread", "dask"], default="thread",
+                   help="thread: this process; dask: a Dask cluster")
     r.add_argument("--dask-address", help="an existing Dask scheduler (default with dask: a local cluster)")
-    r.add_argument("--dask-workers", type=int, default=2, help="worker processes of the local Dask cluster")
-    r.add_argument("--blind", action="store_true", help="deblur: estimate an unknown kernel of --kernel-size")
-    r.add_argument("--kernel-lr", type=float, help="deblur --blind: Adam step on the kernel logits")
-    r.add_argument("--kernel-passes", type=int, help="deblur --blind: sampling chains (default 4)")
+    r.add_argument("--dask-workers", type=integer(1), default=2, help="worker processes of the local Dask cluster")
     t = sub.add_parser("train", help="train a prior (train-prior flow)")
-    t.add_argument("data_uri")
-    t.add_argument("output_uri")
+    t.add_argument("data_uri", help="folder or URL of clean training images")
+    t.add_argument("output_uri", help="output folder or URL (checkpoints, prior.safetensors, sample grids)")
     add_train_options(t)
     e = sub.add_parser("evaluate", help="score GDP against classical baselines on clean images (evaluate flow)")
     e.add_argument("reference_uri", help="folder or URL of clean reference images")
     e.add_argument("output_uri", help="where results.parquet, summary.md and the PNGs go")
     e.add_argument("--tasks", nargs="+", choices=["sr", "deblur", "inpaint", "colorize", "lowlight", "hdr"],
                    default=["sr", "deblur", "inpaint", "colorize"])
-    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--steps", type=integer(1, 1000), default=50, help="reverse diffusion steps")
     e.add_argument("--prior", default="default", help="default, a checkpoint path or an fsspec URL")
     e.add_argument("--preset", help="architecture of a checkpoint without config (e.g. adm-256-uncond)")
     e.add_argument("--guidance", nargs="+", choices=["x0", "xt"], default=["x0"], help="GDP-x0 and/or GDP-xt")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--max-images", type=int)
-    e.add_argument("--tiling", choices=["auto", "single", "fused", "hierarchical"], default="auto")
-    e.add_argument("--stride", type=int, help="patch stride (default: 3/4 of the patch)")
-    e.add_argument("--batch-size", type=int, default=8, help="patches per network call")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    e.add_argument("--max-images", type=integer(1), help="score at most this many reference images")
+    e.add_argument("--tiling", choices=["auto", "single", "fused", "hierarchical"], default="auto",
+                   help="as gdp restore --tiling")
+    e.add_argument("--stride", type=integer(1), help="patch stride (default: 3/4 of the patch)")
+    e.add_argument("--batch-size", type=integer(1), default=8, help="patches per network call")
+    e.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    add_threads_option(e)
     d = sub.add_parser("demo", help="restore the bundled samples (x4 super-resolution) with the default prior")
-    d.add_argument("--output-uri", default=str(ROOT / "out" / "demo"))
-    d.add_argument("--steps", type=int, default=50)
-    d.add_argument("--no-server", action="store_true", help="use PREFECT_API_URL or an ephemeral API")
+    d.add_argument("--output-uri", default=str(ROOT / "out" / "demo"), help="where the outputs and manifest go")
+    d.add_argument("--steps", type=integer(1, 1000), default=50, help="reverse diffusion steps")
+    d.add_argument("--no-server", action="store_true",
+                   help="do not start a server: use PREFECT_API_URL, or a temporary one for this run")
+    add_threads_option(d)
     return parser
 
 
@@ -70,8 +94,9 @@ def restore_parameters(args: argparse.Namespace) -> dict:
     options = {"factor": args.factor, "filter": args.filter, "sigma": args.sigma, "kernel_size": args.kernel_size,
                "kernel_file": args.kernel_file, "blur_mode": args.blur_mode, "mask": args.mask or "sidecar",
                "mask_ratio": args.mask_ratio, "mask_seed": args.mask_seed,
-               "box": [int(v) for v in args.box.split(",")] if args.box else None, "kernel_lr": args.kernel_lr,
-               "kernel_passes": args.kernel_passes}
+               "box": _box(args.box), "kernel_lr": args.kernel_lr,
+               "kernel_passes": args.kernel_passes, "grid": args.grid, "target_mean": args.target_mean,
+               "lr_f": args.lr_f, "lr_mask": args.lr_mask, "tv_weight": args.tv_weight, "param_init": args.param_init}
     if args.task == "hdr":
         raise UsageError("--task hdr fuses several exposures of one scene: use `gdp restore SHORT ... LONG OUT "
                          "--task hdr`; the collection flow restores one input per output")
@@ -87,6 +112,13 @@ def restore_parameters(args: argparse.Namespace) -> dict:
             "task_runner": args.task_runner, "dask_address": args.dask_address, "dask_workers": args.dask_workers}
 
 
+def _box(text: str | None) -> list[int] | None:
+    try:
+        return [int(v) for v in text.split(",")] if text else None
+    except ValueError:
+        raise UsageError(f"--box must be X,Y,W,H integers, got {text!r}") from None
+
+
 def run_restore(parameters: dict) -> int:
     from flows.restore_collection import restore_collection
     state = restore_collection(**parameters, return_state=True)
@@ -96,17 +128,72 @@ def run_restore(parameters: dict) -> int:
     return 0 if state.is_completed() else 1
 
 
-def ensure_server() -> None:
-    """Point this process at a local Prefect server, starting one in the background if needed."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if os.environ.get("PREFECT_API_URL"):
-        return
+def project_settings():
+    """A context with PROJECT_SETTINGS as Prefect's defaults: values the user set anywhere win."""
+    from prefect.settings import temporary_settings
+    return temporary_settings(set_defaults=PROJECT_SETTINGS)
+
+
+def server_line() -> str:
+    """Which Prefect server this process's runs go to, in one line (UsageError if none can)."""
+    from prefect.settings import get_current_settings
+    settings = get_current_settings()
+    if settings.api.url:
+        return f"Prefect: the server at {settings.api.url}"
+    if not settings.server.ephemeral.enabled:
+        raise UsageError("no Prefect server: PREFECT_API_URL is unset and the temporary server is disabled "
+                         "(PREFECT_SERVER_EPHEMERAL_ENABLED=false); set one of them")
+    return ("Prefect: a temporary server for this run only (no UI; run history in PREFECT_HOME); for the UI, "
+            "`prefect server start` and PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+def check_restore_parameters(parameters: dict, devices: list[str], patch: int | None, stride: int | None) -> None:
+    """Refuse bad parameters in one line before any Prefect server starts: the flow's own validation
+    (pydantic), the devices, and the prior (loaded here into the process's cache, which the flow
+    then reuses) with the patch it can take."""
+    from prefect.exceptions import ParameterTypeError, SignatureMismatchError
+    from flows.restore_collection import restore_collection
+    from gdp import collection as col
+    from gdp.cli import check_patch, resolve_device
+    with _quiet("prefect.flows"):  # it logs the whole pydantic dump as an ERROR first
+        try:
+            restore_collection.validate_parameters(parameters)
+        except (ParameterTypeError, SignatureMismatchError) as e:
+            problems = [line.strip(" -") for line in str(e).splitlines()[1:]] or [str(e)]
+            raise UsageError("invalid parameters: " + "; ".join(problems)) from None
+    try:
+        for device in devices:
+            resolve_device(device)
+        prior = col.cached_prior(parameters["prior"], parameters["preset"], col.resolve_device(devices[0]))
+    except ValueError as e:  # an unknown device, a checkpoint that is missing or does not fit
+        raise UsageError(" ".join(str(e).split())) from None
+    check_patch(prior, patch, stride)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def ensure_server() -> str:
+    """The API URL of a local Prefect server (PREFECT_API_URL's if set), starting one at 127.0.0.1:4200
+    in the background if needed, with this process's Prefect settings (PROJECT_SETTINGS included)."""
+    from prefect.settings import get_current_settings
+    if get_current_settings().api.url:
+        return get_current_settings().api.url
     if not _healthy():
         if not _background_server_alive():
             print(f"starting a local Prefect server at {UI} (stop it with `prefect server stop`)", flush=True)
             prefect = Path(sys.executable).with_name("prefect")
+            env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
             started = subprocess.run([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", "4200",
-                                      "--background"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                      "--background"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env=env)
             if started.returncode:
                 raise RuntimeError(f"could not start a Prefect server at {UI}: "
                                    f"{' '.join(started.stderr.split())[-300:] or 'no message'}")
@@ -115,7 +202,8 @@ def ensure_server() -> None:
             if time.time() > deadline:
                 raise RuntimeError(f"the Prefect server at {UI} did not become healthy in 90 s")
             time.sleep(1)
-    os.environ["PREFECT_API_URL"] = f"{UI}/api"
+    os.environ["PREFECT_API_URL"] = f"{UI}/api"  # for child processes
+    return f"{UI}/api"
 
 
 def _background_server_alive() -> bool:
@@ -148,13 +236,17 @@ def _healthy() -> bool:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    server = contextlib.nullcontext()
     if not args.no_server:
-        ensure_server()
+        server = temporary_settings(updates={PREFECT_API_URL: ensure_server()})
         print(f"Prefect UI: {UI}  (flow runs, task runs and artifacts of this demo)", flush=True)
     parameters = {"input_uri": str(EXAMPLES / "sr-x4"), "output_uri": args.output_uri, "task": "sr",
                   "options": {"factor": 4}, "steps": args.steps, "reference_uri": str(EXAMPLES / "reference"),
                   "overwrite": True}
-    code = run_restore(parameters)
+    with server:
+        print(server_line(), flush=True)
+        code = run_restore(parameters)
     import pandas as pd
     manifests = sorted(Path(args.output_uri, "_manifests").glob("*.parquet"), key=os.path.getmtime)
     df = pd.read_parquet(manifests[-1])
@@ -191,24 +283,44 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "restore":
-            return run_restore(restore_parameters(args))
-        if args.command == "demo":
-            return run_demo(args)
-        if args.command == "evaluate":
-            return run_evaluate(args)
-        if args.command == "train":
-            from flows.train_prior import train_prior
-            cfg = train_config(args, args.data_uri, args.output_uri)
-            print(train_prior(data_uri=cfg.data_uri, output_uri=cfg.out_uri, preset=cfg.preset, crop=cfg.crop,
-                              steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                              checkpoint_every=cfg.checkpoint_every, schedule=cfg.schedule,
-                              learn_sigma=cfg.learn_sigma, exclude=list(cfg.exclude),
-                              max_minutes=args.max_minutes, init_from=cfg.init_from, device=cfg.device, seed=cfg.seed))
-            return 0
+        with project_settings():
+            return _run(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if "ephemeral Prefect API server" not in str(e):
+            raise
+        from prefect.settings import get_current_settings
+        timeout = get_current_settings().server.ephemeral.startup_timeout_seconds
+        print(f"error: {e} (after {timeout:g} s; raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or start a "
+              "server with `prefect server start` and set PREFECT_API_URL)", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    devices = len(args.devices) if args.command == "restore" else 1
+    threads = set_threads(args.threads, devices) if hasattr(args, "threads") else None
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # Dask or process workers started from here
+    if args.command == "restore":
+        parameters = restore_parameters(args)
+        check_restore_parameters(parameters, args.devices, args.patch, args.stride)
+        print(server_line(), flush=True)
+        return run_restore(parameters)
+    if args.command == "demo":
+        return run_demo(args)
+    if args.command == "evaluate":
+        return run_evaluate(args)
+    if args.command == "train":
+        from flows.train_prior import train_prior
+        cfg = train_config(args, args.data_uri, args.output_uri)
+        print(train_prior(data_uri=cfg.data_uri, output_uri=cfg.out_uri, preset=cfg.preset, crop=cfg.crop,
+                          steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                          checkpoint_every=cfg.checkpoint_every, schedule=cfg.schedule,
+                          learn_sigma=cfg.learn_sigma, exclude=list(cfg.exclude),
+                          max_minutes=args.max_minutes, init_from=cfg.init_from, device=cfg.device, seed=cfg.seed))
+        return 0
     return 2
 
 
