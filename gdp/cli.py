@@ -207,6 +207,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="draw grayscale images this often relative to colour ones (e.g. 0.2: a more colourful prior)")
     p.add_argument("--max-minutes", type=number(0, open_low=True), help="stop (with a checkpoint) after this many minutes")
     p.add_argument("--init", help="start from these weights (fine-tune an existing prior)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="forward pass of training: auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and the noise")
     add_threads_option(p)
@@ -218,7 +220,7 @@ def train_config(args: argparse.Namespace, data: str, out: str):
                        batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
                        schedule=args.schedule, learn_sigma=not args.fixed_sigma, exclude=tuple(args.exclude),
                        max_seconds=args.max_minutes * 60 if args.max_minutes else None, init_from=args.init,
-                       device=args.device, seed=args.seed, gray_weight=args.gray_weight)
+                       device=args.device, seed=args.seed, gray_weight=args.gray_weight, precision=args.precision)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ class TrainConfig:
     grid_steps: int = 50
     max_seconds: float | None = None  # stop (with a checkpoint) after this much wall time
     init_from: str | None = None  # start a new run from these weights (a prior file or URL)
+    precision: str = "auto"  # autocast of the forward: bf16 where the hardware has it (auto), fp32 or bf16
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,16 @@ def save_grid(uri: str, images: torch.Tensor, nrow: int) -> None:
     _write_atomic(uri, buf.getvalue())
 
 
+def training_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast for "bf16", never for "fp32"; "auto": on CUDA, and on CPUs with native bf16
+    (AVX512-BF16 / AMX: 1.7-2x faster per training step on this project's CPU, docs/PRIOR.md)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise DataError(f"unknown precision {precision!r}: use auto, fp32 or bf16")
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def train(cfg: TrainConfig, *, progress: Callable[[TrainProgress], None] | None = None,
           log: Callable[[str], None] = print) -> TrainResult:
     """Train (or resume) a prior; returns where the checkpoint and the EMA prior were written."""
@@ -282,7 +293,9 @@ def train(cfg: TrainConfig, *, progress: Callable[[TrainProgress], None] | None 
         ema.load_state_dict(unet.state_dict())
         log(f"initialised from {cfg.init_from}")
     images = [im.to(device) for im in images]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = training_bf16(cfg.precision, device)
+    log(f"forward in {'bf16 autocast' if bf16 else 'fp32'}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     loss_fn = DiffusionLoss(Schedule.from_betas(make_betas(cfg.schedule, 1000)), cfg.learn_sigma, device)
     t_start, t_window, window_steps, last_loss = time.time(), time.time(), 0, float("nan")
     while step < cfg.steps and not (cfg.max_seconds and time.time() - t_start > cfg.max_seconds):
