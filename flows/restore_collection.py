@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from pydantic_core import to_jsonable_python
 
 from gdp import collection as col
+from gdp import contact_sheet
 
 TaskName = Literal["sr", "deblur", "inpaint", "colorize", "lowlight", "blind-deblur"]  # hdr: several inputs per scene
 SHARD_DEPLOYMENT = "restore-shard/gpu"  # prefect.yaml; its runs restore one group of a sharded run
@@ -402,6 +403,10 @@ def _finish(rows: list[dict], run: _Run, folder: str = col.MANIFEST_DIR, keyed: 
     manifest = write_manifest(rows, run.output_uri, run.run_id, run.storage, folder, run.settings.retry_seconds)
     col.clear_journal(run.output_uri, run.run_id, run.storage, run.settings.retry_seconds)
     _report(rows, manifest, keyed)
+    if keyed:  # the worst and some of the best images, before and after, for a look without opening files
+        sheet = contact_sheet.report(rows, run.output_uri, run.run_id, run.reference_uri, run.storage)
+        if sheet:
+            create_markdown_artifact(key="restore-contact-sheet", markdown=sheet, description="Before/after")
     failed = sum(r["status"] == "failed" for r in rows)
     message = f"{len(rows)} images: {len(rows) - failed} ok or skipped, {failed} failed; manifest at {manifest}"
     get_run_logger().info(message)
