@@ -243,7 +243,12 @@ def _best_window(full: torch.Tensor, valid: torch.Tensor) -> tuple[float, list[i
 
 DDRM, DIFFPIR, DPS, PIGDM = "ddrm", "diffpir", "dps", "pigdm"
 OURS = {"gdp-gradient": "gradient", "gdp-cg": "cg", "gdp-project": "project"}
-MULTIPLIERS = (0.1, 0.3, 1.0, 3.0, 10.0)  # every unbounded hyperparameter: its default times these
+# Every unbounded hyperparameter is tried at its default times 0.1, 0.3, 1, 3, 10; when the best of
+# these is on an edge and beats its neighbour by more than EXTEND_DB, the next value of the series
+# beyond that edge is tried too (at most two per side): the same rule for every method.
+SERIES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+MULTIPLIERS = SERIES[2:7]
+EXTEND_DB = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,16 +256,19 @@ class Method:
     name: str
     param: str  # the hyperparameter tuned
     default: float
-    grid: tuple[float, ...]
+    grid: tuple[float, ...]  # tried first
+    series: tuple[float, ...] = ()  # the values an edge may extend to, ascending (empty: bounded, no extension)
 
 
 def methods(task: str) -> dict[str, Method]:
     """Every method with its main hyperparameter and the 5-value grid it is tuned over (the same size
-    for all): deepinv's default (ours: the project's) times 0.1..10; DDRM's eta is bounded by 1."""
+    for all): deepinv's default (ours: the project's) times 0.1..10, extensible to 0.01..100 by the
+    edge rule; DDRM's eta lives in [0, 1] and is not extended."""
     from gdp.guidance import DEFAULT_SCALES
 
     def scaled(name, param, default):
-        return Method(name, param, default, tuple(default * m for m in MULTIPLIERS))
+        return Method(name, param, default, tuple(default * m for m in MULTIPLIERS),
+                      tuple(default * m for m in SERIES))
     out = {DDRM: Method(DDRM, "eta", 0.85, (0.0, 0.25, 0.5, 0.85, 1.0)),
            DIFFPIR: scaled(DIFFPIR, "lambda", 7.0),
            DPS: scaled(DPS, "weight", 1.0),
@@ -383,16 +391,38 @@ def read_rows(paths) -> list[dict]:
     return rows
 
 
-def best_value(rows: list[dict], method: str, task: str, nfe: int, grid) -> float | None:
-    """The grid value with the best mean PSNR on the tuning crops (first of the ties), or None if incomplete."""
-    means = []
-    for value in grid:
-        ps = [r["psnr"] for r in rows if r["stage"] == "tune" and r["method"] == method and r["task"] == task
-              and r["nfe"] == nfe and math.isclose(r["value"], value)]
-        if len(ps) < len(TUNE_CROPS):
-            return None
-        means.append(sum(ps) / len(ps))
-    return grid[max(range(len(grid)), key=lambda k: (means[k], -k))]
+def _tune_psnrs(rows: list[dict], method: str, task: str, nfe: int, value: float) -> list[float]:
+    return [r["psnr"] for r in rows if r["stage"] == "tune" and r["method"] == method and r["task"] == task
+            and r["nfe"] == nfe and math.isclose(r["value"], value, rel_tol=1e-9)]
+
+
+def tuning(rows: list[dict], method: Method, task: str, nfe: int) -> tuple[float | None, float | None]:
+    """(next value to run on the tuning crops, None when tuning is complete; the tuned value, None until
+    then). The grid first; then the edge rule (see SERIES). The tuned value has the best mean PSNR on the
+    tuning crops (the smallest value of exact ties)."""
+    values = list(method.grid)
+    while True:
+        means = {}
+        for value in values:
+            ps = _tune_psnrs(rows, method.name, task, nfe, value)
+            if len(ps) < len(TUNE_CROPS):
+                return value, None
+            means[value] = sum(ps) / len(ps)
+        ordered = sorted(values)
+        k = max(range(len(ordered)), key=lambda j: (means[ordered[j]], -j))
+        series = list(method.series)
+        edge, inner, step = (ordered[-1], ordered[-2], 1) if k == len(ordered) - 1 else (ordered[0], ordered[1], -1)
+        if series and k in (0, len(ordered) - 1) and means[edge] - means[inner] > EXTEND_DB:
+            at = min(range(len(series)), key=lambda j: abs(series[j] - edge))
+            if 0 <= at + step < len(series):
+                values.append(series[at + step])
+                continue
+        return None, ordered[k]
+
+
+def best_value(rows: list[dict], method: Method, task: str, nfe: int) -> float | None:
+    """The tuned value (None while tuning is incomplete)."""
+    return tuning(rows, method, task, nfe)[1]
 
 
 def run(args) -> None:
@@ -450,20 +480,20 @@ def run(args) -> None:
                     continue
                 method = table[name]
                 tuned_at = max([n for n in args.tune_nfe if n <= nfe], default=min(args.tune_nfe))
-                stages = [("tune", value, crops["tune"]) for value in method.grid] if tuned_at == nfe else []
-                for stage, value, todo in stages + [("report", None, crops["report"])]:
-                    if stage == "report":
-                        value = best_value(rows, name, task, tuned_at, method.grid)
-                        if value is None:
-                            raise SystemExit(f"{name} {task}: not tuned at NFE {tuned_at}; run that NFE first")
+
+                def once(stage: str, value: float, todo) -> None:
                     for crop, x in todo:
-                        if (stage, name, task, nfe, crop, value) in done:
-                            continue
-                        case = observe(x, task)
-                        emit({"stage": stage, "method": name, "task": task, "nfe": nfe, "crop": crop,
-                              "param": method.param, "value": value, "tuned_at": tuned_at,
-                              **run_case(method, value, task, case, physics_cache[task], prior, denoiser, nfe),
-                              **base})
+                        if (stage, name, task, nfe, crop, value) not in done:
+                            emit({"stage": stage, "method": name, "task": task, "nfe": nfe, "crop": crop,
+                                  "param": method.param, "value": value, "tuned_at": tuned_at,
+                                  **run_case(method, value, task, observe(x, task), physics_cache[task], prior,
+                                             denoiser, nfe), **base})
+                while tuned_at == nfe and (value := tuning(rows, method, task, nfe)[0]) is not None:
+                    once("tune", value, crops["tune"])
+                value = best_value(rows, method, task, tuned_at)
+                if value is None:
+                    raise SystemExit(f"{name} {task}: not tuned at NFE {tuned_at}; run that NFE first")
+                once("report", value, crops["report"])
 
 
 # -------------------------------------------------------------------------------- the report
@@ -481,6 +511,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             groups.setdefault((r["task"], r["method"], r["nfe"]), []).append(r)
     out = []
     for (task, method, nfe), rs in groups.items():
+        if len({r["value"] for r in rs}) > 1:
+            raise ValueError(f"{method} {task} NFE {nfe}: report rows at several values {sorted({r['value'] for r in rs})}")
         mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
         out.append({"task": task, "method": method, "nfe": nfe, "crops": len(rs), "param": rs[0]["param"],
                     "value": rs[0]["value"], "tuned_at": rs[0].get("tuned_at", nfe), "psnr": mean("psnr"), "ssim": mean("ssim"),

@@ -178,13 +178,30 @@ def test_ddrm_noise_levels_walk_the_ddpm_timesteps():
     assert sigmas[-1] == pytest.approx(math.sqrt((1 - ab[0]) / ab[0]) / 2)
 
 
-def test_tuning_picks_the_best_mean_psnr_and_the_first_of_ties():
-    grid = (1.0, 2.0, 3.0)
-    rows = [{"stage": "tune", "method": "m", "task": "sr", "nfe": 20, "value": v, "crop": c, "psnr": p}
-            for v, ps in zip(grid, ([20, 22], [23, 22], [22, 23])) for c, p in zip(peers.TUNE_CROPS, ps)]
-    assert peers.best_value(rows, "m", "sr", 20, grid) == 2.0  # 22.5 against 21 and 22.5: the first
-    assert peers.best_value(rows[:-1], "m", "sr", 20, grid) is None  # a value not run on every crop
+def _tune_rows(means: dict[float, float]) -> list[dict]:
+    """Tuning rows whose two crops have these mean PSNRs (one crop 1 dB above, the other below)."""
+    return [{"stage": "tune", "method": "m", "task": "sr", "nfe": 20, "value": v, "crop": c, "psnr": p + d}
+            for v, p in means.items() for c, d in zip(peers.TUNE_CROPS, (1.0, -1.0))]
+
+
+def test_tuning_takes_the_best_mean_psnr_and_extends_an_edge_that_still_gains():
+    method = peers.Method("m", "w", 1.0, tuple(peers.MULTIPLIERS), tuple(peers.SERIES))
+    grid = dict(zip(peers.MULTIPLIERS, (20.0, 22.0, 23.0, 22.5, 21.0)))
+    assert peers.tuning(_tune_rows(grid), method, "sr", 20) == (None, 1.0)
+    assert peers.tuning(_tune_rows(grid)[:-1], method, "sr", 20) == (10.0, None)  # 10 not run on both crops
+    rising = dict(zip(peers.MULTIPLIERS, (20.0, 21.0, 22.0, 23.0, 24.0)))
+    assert peers.tuning(_tune_rows(rising), method, "sr", 20) == (30.0, None)  # the edge: try one more
+    assert peers.tuning(_tune_rows({**rising, 30.0: 25.0}), method, "sr", 20) == (100.0, None)
+    assert peers.tuning(_tune_rows({**rising, 30.0: 25.0, 100.0: 26.0}), method, "sr", 20) == (None, 100.0)
+    assert peers.tuning(_tune_rows({**rising, 30.0: 23.5}), method, "sr", 20) == (None, 10.0)
+    flat = dict(zip(peers.MULTIPLIERS, (23.03, 23.0, 23.0, 23.0, 23.0)))  # the edge gains < 0.05 dB: stop
+    assert peers.tuning(_tune_rows(flat), method, "sr", 20) == (None, 0.1)
+    ties = dict(zip(peers.MULTIPLIERS, (20.0, 21.0, 23.0, 23.0, 23.0)))  # exact ties: the smallest
+    assert peers.tuning(_tune_rows(ties), method, "sr", 20) == (None, 1.0)
+    bounded = peers.Method("m", "eta", 0.85, (0.0, 0.25, 0.5, 0.85, 1.0))
+    assert peers.tuning(_tune_rows(dict(zip(bounded.grid, rising.values()))), bounded, "sr", 20) == (None, 1.0)
     assert set(peers.TUNE_CROPS).isdisjoint(peers.REPORT_CROPS) and len(peers.REPORT_CROPS) == 6
+    assert all(len(m.grid) == 5 for m in peers.methods("sr").values())  # the same effort for every method
 
 
 def test_the_report_averages_the_report_crops_only():
