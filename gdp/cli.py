@@ -444,7 +444,9 @@ def describe_job(task: str, y, op, prior, args: argparse.Namespace) -> str:
     windows = plan["n_patches"] + (plan["mode"] == "hierarchical")  # + one coarse pass, as the progress bar counts
     batch = min(args.batch_size, windows)
     calls = args.steps * chains * math.ceil(windows / batch)
-    seconds = calls * _seconds_per_network_call(prior, batch, plan["patch"] or native)
+    # a CPU's time grows with the batch, so a last, partial batch costs its share; a GPU's hardly does
+    share = calls if prior.device.type == "cuda" else args.steps * chains * windows / batch
+    seconds = share * _seconds_per_network_call(prior, batch, plan["patch"] or native)
     tiles = (f": {plan['n_patches']} windows of {plan['patch']} px, stride {plan['stride']}"
              + (", after a coarse pass" if plan["mode"] == "hierarchical" else "")) if plan["mode"] != "single" else ""
     scale = f" x{op.factor}" if getattr(op, "name", "") == "sr" else ""
