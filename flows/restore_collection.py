@@ -189,24 +189,31 @@ def restore_collection(
     _check_scale_out(shards, task_runner, dask_address)
     logger = get_run_logger()
     run = _prepare(parameters)
-    uris = col.discover(input_uri, pattern, max_images, run.storage, run.settings.retry_seconds)
+    # refused before anything is written: no input, no image, output == input, input inside output
+    uris = col.check_collection(input_uri, run.output_uri, pattern, run.storage, run.settings.retry_seconds)
+    uris = uris[:max_images] if max_images else uris
     logger.info(f"{len(uris)} image(s) under {input_uri}; prior {run.prior_id}; config {run.config_hash}")
-    jobs = _plan(uris, run)
-    rows, todo = _skip_done(jobs, run)
-    progress = create_progress_artifact(progress=0.0, description=f"{len(jobs)} images")
+    # one run at a time on an output root (a second one is refused); runs that died are tidied up
+    with col.Lease(run.output_uri, run.run_id, run.storage, retry_seconds=run.settings.retry_seconds) as lease:
+        recovered = col.recover(run.output_uri, run.run_id, run.storage, run.settings.retry_seconds)
+        if any(recovered.values()):
+            logger.warning(f"tidied up after runs that died: {recovered}")
+        jobs = _plan(uris, run)
+        rows, todo = _skip_done(jobs, run)
+        progress = create_progress_artifact(progress=0.0, description=f"{len(jobs)} images")
 
-    def record(row: dict) -> None:
-        rows.append(row)
-        update_progress_artifact(artifact_id=progress, progress=100.0 * len(rows) / max(len(jobs), 1))
+        def record(row: dict) -> None:
+            rows.append(row)
+            update_progress_artifact(artifact_id=progress, progress=100.0 * len(rows) / max(len(jobs), 1))
 
-    collection = {**to_jsonable_python(parameters), "shards": 1}
-    if shards > 1 and todo:
-        _restore_in_child_runs(todo, shards, collection, run, record)
-    elif task_runner == "dask" and todo:
-        _restore_on_dask(todo, collection, run, record)
-    else:
-        _restore_jobs(todo, run, record)
-    return _finish(rows, run)
+        collection = {**to_jsonable_python(parameters), "shards": 1}
+        if shards > 1 and todo:
+            _restore_in_child_runs(todo, shards, collection, run, record)
+        elif task_runner == "dask" and todo:
+            _restore_on_dask(todo, collection, run, record)
+        else:
+            _restore_jobs(todo, run, record)
+        return _finish(rows, run, lost_lease=lease.lost)
 
 
 @flow(name="restore-shard", flow_run_name=_shard_run_name, task_runner=ThreadPoolTaskRunner(max_workers=4),
@@ -301,7 +308,8 @@ def _prepare(p: dict) -> _Run:
                             retry_seconds=p["storage_retry_seconds"])
     devices = tuple(col.resolve_device(d) for d in p["devices"])
     model = col.cached_prior(p["prior"], p["preset"], devices[0])
-    return _Run(settings, p["output_uri"], str(flow_run.id or "local"), devices, model.prior_id,
+    output_uri = p["output_uri"] if "://" in p["output_uri"] else os.path.abspath(p["output_uri"])
+    return _Run(settings, output_uri, str(flow_run.id or "local"), devices, model.prior_id,
                 settings.patch or model.image_size, settings.config_hash(model.prior_id), p["input_uri"],
                 p["reference_uri"], p["shard_patches"], int(p["max_megapixels"] * 1e6), p["overwrite"])
 
@@ -397,9 +405,11 @@ def _restore_hierarchical(jobs: list[col.ImageJob], run: _Run) -> list[col.Image
                             tiling={**tiling, "n_patches": job.n_patches}) for job in jobs]
 
 
-def _finish(rows: list[dict], run: _Run, folder: str = col.MANIFEST_DIR, keyed: bool = True):
-    """Manifest (then the journal it replaces), artifacts, and the final state: Failed if any input failed."""
-    _clean_work_area(run.work_root, run.storage)
+def _finish(rows: list[dict], run: _Run, folder: str = col.MANIFEST_DIR, keyed: bool = True,
+            lost_lease: bool = False):
+    """Manifest (then the journal it replaces), artifacts, and the final state: Failed if any input
+    failed, or if the run lost its lease on the output to a later run (it was presumed dead)."""
+    _clean_work_area(run.work_root, run.storage, parent=keyed)
     manifest = write_manifest(rows, run.output_uri, run.run_id, run.storage, folder, run.settings.retry_seconds)
     col.clear_journal(run.output_uri, run.run_id, run.storage, run.settings.retry_seconds)
     _report(rows, manifest, keyed)
@@ -409,8 +419,12 @@ def _finish(rows: list[dict], run: _Run, folder: str = col.MANIFEST_DIR, keyed: 
             create_markdown_artifact(key="restore-contact-sheet", markdown=sheet, description="Before/after")
     failed = sum(r["status"] == "failed" for r in rows)
     message = f"{len(rows)} images: {len(rows) - failed} ok or skipped, {failed} failed; manifest at {manifest}"
+    if lost_lease:
+        message += "; this run stopped renewing its lease on the output and another run took it over"
     get_run_logger().info(message)
-    return Failed(message=message, data=manifest) if failed else Completed(message=message, data=manifest)
+    if failed or lost_lease:
+        return Failed(message=message, data=manifest)
+    return Completed(message=message, data=manifest)
 
 
 def _failed_row(job: col.ImageJob, run: _Run, error: str) -> dict:
@@ -608,14 +622,16 @@ def _storage_options(block_name: str | None) -> dict:
 
 def _skip_done(jobs: list[col.ImageJob], run: _Run) -> tuple[list[dict], list[col.ImageJob]]:
     """Rows for failed plans and already-done inputs, and the jobs left to restore."""
-    done = set() if run.overwrite else col.previous_successes(run.output_uri, run.storage, run.settings.retry_seconds)
+    done = {} if run.overwrite else col.previous_successes(run.output_uri, run.storage, run.settings.retry_seconds)
     rows, todo = [], []
     for job in jobs:
         if job.status == "failed":
             rows.append(col.manifest_row(job, run.settings, run.prior_id, run.config_hash, run.run_id))
-        elif (job.content_sha256, run.config_hash) in done and _exists(job.output_uri, run.storage):
-            rows.append(col.manifest_row(replace(job, status="skipped"), run.settings, run.prior_id, run.config_hash,
-                                         run.run_id))
+            continue
+        output_sha = col.already_done(job, run.config_hash, done, run.storage, run.settings.retry_seconds)
+        if output_sha:  # same path, same content, same configuration, and the output is the one written
+            rows.append({**col.manifest_row(replace(job, status="skipped"), run.settings, run.prior_id,
+                                            run.config_hash, run.run_id), "output_sha256": output_sha})
         else:
             todo.append(job)
     return rows, todo
@@ -626,14 +642,16 @@ def _exists(uri: str, storage: dict) -> bool:
     return fs.exists(path)
 
 
-def _clean_work_area(work_root: str, storage: dict) -> None:
-    """Remove this run's work folder, and the work area itself once no other run uses it."""
+def _clean_work_area(work_root: str, storage: dict, parent: bool = True) -> None:
+    """Remove this run's work folder, and (a collection run, `parent`) the work area itself once it
+    is empty. Only the lease holder does the latter, so no other collection run is using it; a
+    child run leaves it to its parent."""
     fs, path = fsspec.core.url_to_fs(work_root, **storage)
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    parent = posixpath.dirname(path.rstrip("/"))
-    if fs.exists(parent) and not fs.ls(parent):
-        fs.rm(parent, recursive=True)
+    folder = posixpath.dirname(path.rstrip("/"))
+    if parent and fs.exists(folder) and not fs.ls(folder, refresh=True):
+        fs.rm(folder, recursive=True)
 
 
 def _report(rows: list[dict], manifest: str, keyed: bool = True) -> None:

@@ -9,6 +9,7 @@ Parquet manifest (one row per input per run). `flows/restore_collection.py` orch
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import errno
 import io
 import json
@@ -18,6 +19,7 @@ import posixpath
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -27,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import UnidentifiedImageError
 
 from gdp import __version__
-from gdp.io import ImageError, _write_atomic, list_images, read_image, read_info, relative_path, write_image
+from gdp.io import IMAGE_EXTENSIONS, ImageError, _write_atomic, list_images, read_image, read_info, relative_path, write_image
 
 _log = logging.getLogger(__name__)
 MANIFEST_DIR = "_manifests"
@@ -92,11 +94,49 @@ class ImageJob:
 
 
 def discover(input_uri: str, pattern: str = "**/*", max_images: int | None = None,
-             storage_options: dict | None = None, retry_seconds: float = Settings.retry_seconds) -> list[str]:
-    """Image URIs under input_uri (sorted), without inpainting sidecar masks."""
+             storage_options: dict | None = None, retry_seconds: float = Settings.retry_seconds,
+             output_uri: str | None = None) -> list[str]:
+    """Image URIs under input_uri (sorted), without inpainting sidecar masks, and without anything
+    under `output_uri` when the output lies inside the input (a run's outputs are not inputs)."""
     found = retrying(retry_seconds, list_images, input_uri, pattern, **(storage_options or {}))
     uris = [u for u in found if not u.endswith(MASK_SUFFIX)]
+    if output_uri and _inside(output_uri, input_uri):
+        out = _location(output_uri)
+        uris = [u for u in uris if not _below(_location(u)[1], out[1]) or _location(u)[0] != out[0]]
     return uris[:max_images] if max_images else uris
+
+
+def _location(uri: str) -> tuple[str, str]:
+    """(protocol, normalised absolute path) of a URI, for comparing locations."""
+    protocol, path = fsspec.core.split_protocol(uri)
+    if protocol in (None, "file", "local"):
+        return "file", os.path.realpath(path)
+    return protocol, posixpath.normpath("/" + path)
+
+
+def _inside(uri: str, other: str) -> bool:
+    a, b = _location(uri), _location(other)
+    return a[0] == b[0] and _below(a[1], b[1])
+
+
+def check_collection(input_uri: str, output_uri: str, pattern: str = "**/*", storage_options: dict | None = None,
+                     retry_seconds: float = Settings.retry_seconds) -> list[str]:
+    """The inputs of a run, or ValueError (one line) before anything is written: the input does not
+    exist, nothing under it matches `pattern`, or the input and output folders are the same or
+    the input lies inside the output (outputs would land on inputs)."""
+    if _location(input_uri) == _location(output_uri):
+        raise ValueError(f"{output_uri}: the output is the input folder; choose another output")
+    if _inside(input_uri, output_uri):
+        raise ValueError(f"{input_uri}: the input lies inside the output {output_uri}, so outputs could land on "
+                         "inputs; choose an output outside it")
+    fs, root = fsspec.core.url_to_fs(input_uri, **(storage_options or {}))
+    if not retrying(retry_seconds, fs.exists, root):
+        raise ValueError(f"{input_uri}: no such file, folder or prefix")
+    uris = discover(input_uri, pattern, None, storage_options, retry_seconds, output_uri)
+    if not uris:
+        raise ValueError(f"{input_uri}: no image matches the pattern {pattern!r} (extensions "
+                         f"{', '.join(IMAGE_EXTENSIONS)}); nothing to restore")
+    return uris
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -306,24 +346,43 @@ def retrying(budget: float, fn, *args, **kwargs):
 
 
 def previous_successes(output_root: str, storage_options: dict | None = None,
-                       retry_seconds: float = Settings.retry_seconds) -> set[tuple[str, str]]:
-    """(content_sha256, config_hash) of every ok row under output_root/_manifests: run manifests, child
-    runs' partial manifests and the journals of runs that died before writing their manifest."""
+                       retry_seconds: float = Settings.retry_seconds) -> dict[tuple[str, str, str], set[str]]:
+    """{(output_uri, content_sha256, config_hash): {output_sha256, ...}} of every ok row under
+    output_root/_manifests: run manifests, child runs' partial manifests and journals. Rows written
+    before manifests held the output's hash (no output_sha256) count for nothing."""
     return retrying(retry_seconds, _previous_successes, output_root, storage_options)
 
 
-def _previous_successes(output_root: str, storage_options: dict | None) -> set[tuple[str, str]]:
-    import pandas as pd
+def _previous_successes(output_root: str, storage_options: dict | None) -> dict[tuple[str, str, str], set[str]]:
+    import pyarrow.parquet as pq
     fs, root = fsspec.core.url_to_fs(join_uri(output_root, MANIFEST_DIR), **(storage_options or {}))
     if not fs.exists(root):
-        return set()
-    done = set()
+        return {}
+    wanted = ["status", "output_uri", "content_sha256", "config_hash", "output_sha256"]
+    done: dict[tuple[str, str, str], set[str]] = {}
     for path in sorted(p for p in fs.find(root) if p.endswith(".parquet")):
-        with fs.open(path, "rb") as f:
-            df = pd.read_parquet(f, columns=["status", "content_sha256", "config_hash"])
-        ok = df[df.status == "ok"]
-        done.update(zip(ok.content_sha256, ok.config_hash))
+        table = pq.read_table(io.BytesIO(fs.cat_file(path)))
+        if not set(wanted) <= set(table.column_names):
+            continue
+        for r in table.select(wanted).to_pylist():
+            if r["status"] == "ok" and r["output_sha256"]:
+                done.setdefault((r["output_uri"], r["content_sha256"], r["config_hash"]), set()).add(r["output_sha256"])
     return done
+
+
+def already_done(job: ImageJob, config_hash: str, done: dict, storage_options: dict | None = None,
+                 retry_seconds: float = Settings.retry_seconds) -> str:
+    """The output's sha256 when an earlier ok row restored this very input (same output path, same
+    content, same configuration) and the output still holds the bytes that row wrote; '' otherwise
+    (then the input is restored again: changed, moved, replaced, or its output lost or damaged)."""
+    hashes = done.get((job.output_uri, job.content_sha256, config_hash))
+    if not hashes:
+        return ""
+    try:
+        sha = retrying(retry_seconds, sha256_uri, job.output_uri, storage_options)
+    except FileNotFoundError:
+        return ""
+    return sha if sha in hashes else ""
 
 
 def make_shards(jobs: list[ImageJob], shard_patches: int) -> list[list[ImageJob]]:
@@ -352,6 +411,240 @@ def split_balanced(jobs: list[ImageJob], n: int) -> list[list[ImageJob]]:
         groups[k].append(job)
         work[k] += max(job.n_patches, 1)
     return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# the output prefix's lease: one run at a time writes under an output root
+
+LEASE_DIR = "_lease"  # under MANIFEST_DIR: one JSON file per generation, g-<n>.json; the highest is the lease
+LEASE_SECONDS = 120.0  # a holder that stops renewing is presumed dead this long after its last renewal
+
+
+class LeaseHeldError(ValueError):
+    """Another live run holds the output root."""
+
+
+def _host() -> str:
+    import socket
+    return socket.gethostname()
+
+
+def _process_start(pid: int) -> str:
+    """The start time of a process (Linux: /proc/<pid>/stat field 22), '' where unknown: tells a
+    reused pid from the process that wrote a lease."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _holder_alive(holder: dict, now: float) -> bool:
+    """Whether a lease's holder may still be writing: it renewed within its lease time, and, when it
+    ran on this host, its process still exists (a run killed with -9 frees the output at once here;
+    on another host, after LEASE_SECONDS)."""
+    if float(holder.get("expires", 0)) < now:
+        return False
+    if holder.get("host") == _host():
+        pid = int(holder.get("pid", 0))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        start = holder.get("process_start", "")
+        if start and _process_start(pid) and _process_start(pid) != start:
+            return False
+    return True
+
+
+class Lease:
+    """The output root's lease, held by one run: generation files OUTPUT/_manifests/_lease/g-<n>.json,
+    each created exclusively (O_EXCL on a local disk, a conditional PUT `If-None-Match: *` on S3),
+    so of two runs that start together exactly one gets generation n+1. The holder renews its file
+    every LEASE_SECONDS/4 from a thread; a later generation, or its generation's file holding
+    another holder's token, means it lost the lease (`lost`). Release deletes the file."""
+
+    def __init__(self, output_root: str, run_id: str, storage_options: dict | None = None,
+                 seconds: float = LEASE_SECONDS, retry_seconds: float = Settings.retry_seconds):
+        self.root = join_uri(output_root, MANIFEST_DIR, LEASE_DIR)
+        self.run_id, self.seconds, self.retry_seconds = run_id, seconds, retry_seconds
+        self.storage_options = storage_options or {}
+        self.generation = 0
+        self.token = uuid.uuid4().hex  # tells this holder's file from a later holder's of the same generation
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- files
+    def _fs(self):
+        return fsspec.core.url_to_fs(self.root, **self.storage_options)
+
+    def _generations(self) -> list[int]:
+        fs, root = self._fs()
+        try:
+            names = [posixpath.basename(p) for p in fs.ls(root, detail=False, refresh=True)]
+        except FileNotFoundError:
+            return []
+        return sorted(int(n[2:-5]) for n in names if re.fullmatch(r"g-\d{12}\.json", n))
+
+    def _path(self, n: int) -> str:
+        return join_uri(self._fs()[1], f"g-{n:012d}.json")
+
+    def _read(self, n: int) -> dict:
+        fs, _ = self._fs()
+        try:
+            return json.loads(fs.cat_file(self._path(n)))
+        except (FileNotFoundError, ValueError):
+            return {}  # gone, or caught half-written on a local disk (renewals rewrite in place)
+
+    def _stale(self, n: int) -> bool:
+        """An unreadable generation file (its writer died between creating and writing it, on a local
+        disk) counts as dead once it is older than 10 s."""
+        fs, _ = self._fs()
+        try:
+            modified = fs.modified(self._path(n))
+        except FileNotFoundError:
+            return True
+        stamp = modified.timestamp() if modified.tzinfo else modified.replace(tzinfo=timezone.utc).timestamp()
+        return time.time() - stamp > 10
+
+    def _document(self) -> bytes:
+        return json.dumps({"run_id": self.run_id, "token": self.token, "host": _host(), "pid": os.getpid(),
+                           "process_start": _process_start(os.getpid()),
+                           "expires": time.time() + self.seconds}).encode()
+
+    def _create(self, n: int) -> None:
+        """Create generation n exclusively; FileExistsError if another run did first."""
+        fs, _ = self._fs()
+        path = self._path(n)
+        if isinstance(fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "xb") as f:
+                f.write(self._document())
+        else:
+            fs.pipe_file(path, self._document(), mode="create")
+
+    # -- acquire, renew, release
+    def acquire(self) -> "Lease":
+        """Take the lease, or raise LeaseHeldError naming the live holder."""
+        return retrying(self.retry_seconds, self._acquire)
+
+    def _acquire(self) -> "Lease":
+        for _ in range(3):
+            generations = self._generations()
+            top = generations[-1] if generations else 0
+            holder = self._read(top) if top else {}
+            if top and holder.get("run_id") != self.run_id and (
+                    _holder_alive(holder, time.time()) if holder else not self._stale(top)):
+                raise self._held(holder)
+            try:
+                self._create(top + 1)
+            except FileExistsError:
+                continue  # another run took generation top + 1 first: look again
+            self.generation = top + 1
+            for n in generations:  # earlier generations are history
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs()[0].rm_file(self._path(n))
+            self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.run_id}", daemon=True)
+            self._thread.start()
+            return self
+        raise LeaseHeldError(f"{self.root}: the output's lease keeps changing hands; another run is starting on "
+                             "it: try again later")
+
+    def _held(self, holder: dict) -> LeaseHeldError:
+        if not holder:
+            return LeaseHeldError(f"{self.root}: another run is taking the output's lease right now; concurrent "
+                                  "runs on one output are refused (docs/RELIABILITY.md)")
+        left = max(0.0, float(holder.get("expires", 0)) - time.time())
+        return LeaseHeldError(
+            f"{self.root}: run {holder.get('run_id')} (host {holder.get('host')}, pid {holder.get('pid')}) is "
+            f"writing this output (its lease runs {left:.0f} s more unless renewed); concurrent runs on one output "
+            "are refused: wait for it to end, or choose another output")
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.seconds / 4):
+            try:
+                self.renew()
+            except Exception as e:  # a missed renewal is survivable: the lease runs LEASE_SECONDS
+                _log.warning("could not renew the lease on %s: %s", self.root, one_line(e))
+
+    def renew(self) -> None:
+        """Push the expiry on, unless a later generation exists (then the lease is lost: `lost`)."""
+        if self.lost or self._stop.is_set():
+            return
+        if self._generations()[-1:] != [self.generation] or self._read(self.generation).get("token") != self.token:
+            self.lost = True
+            _log.error("run %s lost the lease on %s to a later run", self.run_id, self.root)
+            return
+        _put_atomic(self._fs()[0].unstrip_protocol(self._path(self.generation)), self._document(), self.storage_options)
+
+    def release(self) -> None:
+        """Stop renewing and remove this run's generation file (the output is free at once)."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        if self.generation and not self.lost:
+            with contextlib.suppress(FileNotFoundError):
+                retrying(self.retry_seconds, self._fs()[0].rm_file, self._path(self.generation))
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# what a dead run left: its work folder, its journal, temporary files
+
+
+def recover(output_root: str, run_id: str, storage_options: dict | None = None,
+            retry_seconds: float = Settings.retry_seconds) -> dict:
+    """Tidy an output root after runs that died, under this run's lease (so none of them is live):
+    the journal of a run without a manifest becomes that run's manifest (its finished images, with
+    their metrics), a journal whose manifest exists is dropped, other runs' work folders are
+    removed, and temporary files in _manifests (a crash mid-write) are deleted. Returns counts."""
+    return retrying(retry_seconds, _recover, output_root, run_id, storage_options or {}, retry_seconds)
+
+
+def _recover(output_root: str, run_id: str, storage_options: dict, retry_seconds: float) -> dict:
+    fs, manifests = fsspec.core.url_to_fs(join_uri(output_root, MANIFEST_DIR), **storage_options)
+    done = {"journals_merged": 0, "rows_merged": 0, "work_folders_removed": 0, "temporary_files_removed": 0}
+    journals = join_uri(manifests, JOURNAL_DIR)
+    for folder in _listing(fs, journals):
+        name = posixpath.basename(folder.rstrip("/"))
+        if name == f"run-{run_id}" or not name.startswith("run-"):
+            continue
+        manifest = join_uri(manifests, f"{name}.parquet")
+        if not fs.exists(manifest) and not fs.exists(join_uri(manifests, SHARD_MANIFEST_DIR, f"{name}.parquet")):
+            rows = [r for path in sorted(fs.find(folder)) if path.endswith(".parquet")
+                    for r in read_manifest(fs.unstrip_protocol(path), storage_options, retry_seconds)]
+            _write_rows(rows, fs.unstrip_protocol(manifest), storage_options, retry_seconds)
+            done["journals_merged"] += 1
+            done["rows_merged"] += len(rows)
+        fs.rm(folder, recursive=True)
+    for folder in _listing(fs, join_uri(posixpath.dirname(manifests), WORK_DIR)):
+        if posixpath.basename(folder.rstrip("/")) != run_id:
+            fs.rm(folder, recursive=True)
+            done["work_folders_removed"] += 1
+    for path in _listing(fs, manifests, files=True):
+        name = posixpath.basename(path)
+        if name.endswith(".tmp") or ".tmp-" in name:
+            fs.rm_file(path)
+            done["temporary_files_removed"] += 1
+    return done
+
+
+def _listing(fs, path: str, files: bool = False) -> list[str]:
+    """Folders (or files) directly under `path`; [] when there is none."""
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:
+        return []
+    kind = "file" if files else "directory"
+    return [e["name"] for e in entries if e.get("type") == kind and e["name"].rstrip("/") != path.rstrip("/")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,7 +955,9 @@ def assemble(result: ImageResult, settings: Settings, prior_id: str, config_hash
     retrying(settings.retry_seconds, write_image, job.output_uri, image, bit_depth=src.bit_depth,
              icc_profile=src.icc_profile, exif=src.exif, dpi=src.dpi_for(image.shape[-1], image.shape[-2]),
              protect=job.source_uri, **settings.storage_options)
-    row.update(status="ok", nfe=result.nfe, seconds=round(result.seconds, 3), estimated_params_json=estimated,
+    output_sha = retrying(settings.retry_seconds, sha256_uri, job.output_uri, settings.storage_options)
+    row.update(status="ok", output_sha256=output_sha, nfe=result.nfe, seconds=round(result.seconds, 3),
+               estimated_params_json=estimated,
                consistency_psnr=consistency, n_patches=result.tiling.get("n_patches", job.n_patches))
     if reference_uri:
         ref = retrying(settings.retry_seconds, read_image, join_uri(reference_uri, job.relpath),
@@ -697,7 +992,7 @@ def manifest_row(job: ImageJob, settings: Settings, prior_id: str, config_hash: 
             "width": job.width, "height": job.height, "n_patches": job.n_patches, "steps": settings.steps,
             "nfe": 0, "seconds": 0.0, "consistency_psnr": None, "psnr": None, "ssim": None,
             "estimated_params_json": "{}", "seed": settings.seed, "prior_id": prior_id, "config_hash": config_hash,
-            "content_sha256": job.content_sha256, "flow_run_id": run_id,
+            "content_sha256": job.content_sha256, "output_sha256": "", "flow_run_id": run_id,
             "finished_at": datetime.now(timezone.utc)}
 
 
@@ -709,7 +1004,8 @@ def manifest_schema():
         ("n_patches", pa.int64()), ("steps", pa.int64()), ("nfe", pa.int64()), ("seconds", pa.float64()),
         ("consistency_psnr", pa.float64()), ("psnr", pa.float64()), ("ssim", pa.float64()),
         ("estimated_params_json", pa.string()), ("seed", pa.int64()), ("prior_id", pa.string()),
-        ("config_hash", pa.string()), ("content_sha256", pa.string()), ("flow_run_id", pa.string()),
+        ("config_hash", pa.string()), ("content_sha256", pa.string()), ("output_sha256", pa.string()),
+        ("flow_run_id", pa.string()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
     ])
 

@@ -278,17 +278,24 @@ def test_restore_shard_bad_inputs_are_error_results(tmp_path, prior_file):
 
 def row(sha: str, status: str, config: str = "cfg", **values) -> dict:
     j = col.ImageJob(f"/in/{sha}.png", f"{sha}.png", f"/out/{sha}.png", 10, 20, 1, sha, status)
-    return {**col.manifest_row(j, SR2, "prior", config, "run"), **values}
+    return {**col.manifest_row(j, SR2, "prior", config, "run"), "output_sha256": f"out-{sha}", **values}
+
+
+def done_keys(out: str) -> set[tuple[str, str]]:
+    """(content_sha256, config_hash) of the ok rows that previous_successes found (each with its output hash)."""
+    found = col.previous_successes(out)
+    assert all(hashes == {f"out-{sha}"} and path == f"/out/{sha}.png" for (path, sha, _), hashes in found.items())
+    return {(sha, config) for _, sha, config in found}
 
 
 def test_write_manifest_and_previous_successes(tmp_path):
     out = str(tmp_path / "out")
-    assert col.previous_successes(out) == set()
+    assert col.previous_successes(out) == {}
     uri = col.write_manifest([row("a", "ok"), row("b", "skipped"), row("c", "failed", error="x: bad")], out, "r1")
     assert uri == str(tmp_path / "out" / "_manifests" / "run-r1.parquet")
     col.write_manifest([row("d", "ok", "other"), row("c", "failed")], out, "r2")
     col.write_manifest([], out, "r3")  # an empty run still writes a readable manifest
-    assert col.previous_successes(out) == {("a", "cfg"), ("d", "other")}
+    assert done_keys(out) == {("a", "cfg"), ("d", "other")}
 
     table = pq.read_table(uri)
     assert table.schema.equals(col.manifest_schema())
@@ -317,11 +324,11 @@ def test_journal_and_shard_manifests_count_as_done_but_stay_out_of_the_dataset(t
     assert col.write_manifest([row("d", "ok"), row("e", "skipped")], out, "child-1",
                               folder="_manifests/_shards") == shard
     assert [r["status"] for r in col.read_manifest(shard)] == ["ok", "skipped"]
-    assert col.previous_successes(out) == {("a", "cfg"), ("b", "cfg"), ("d", "cfg")}
+    assert done_keys(out) == {("a", "cfg"), ("b", "cfg"), ("d", "cfg")}
     assert pq.read_table(str(tmp_path / "out" / "_manifests")).num_rows == 1  # run manifests only
     col.clear_journal(out, "crashed")
     col.clear_journal(out, "never-ran")  # nothing to clear: no error
-    assert col.previous_successes(out) == {("a", "cfg"), ("d", "cfg")}
+    assert done_keys(out) == {("a", "cfg"), ("d", "cfg")}
     assert not (tmp_path / "out" / "_manifests" / "_journal" / "run-crashed").exists()
 
 
@@ -337,3 +344,95 @@ def test_summarise():
         "images": 1, "ok": 0, "skipped": 1, "failed": 0, "mean_consistency_psnr": None,
         "min_consistency_psnr": None, "mean_psnr": None, "min_psnr": None, "mean_ssim": None,
         "seconds_per_megapixel": None}
+
+
+# ----------------------------------------------------------------------------------- the lease
+
+
+def plant_lease(out: Path, n: int, **holder) -> Path:
+    """Write generation n of the lease as another run would have."""
+    path = out / "_manifests" / "_lease" / f"g-{n:012d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": "other", "token": "t", **holder}))
+    return path
+
+
+def test_lease_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "out"
+    here, now = socket.gethostname(), time.time()
+    with col.Lease(str(out), "r1") as first:
+        with pytest.raises(col.LeaseHeldError, match=r"run r1 \(host .*, pid \d+\) is writing this output"):
+            col.Lease(str(out), "r2").acquire()
+        assert first.generation == 1 and not first.lost
+    assert not list((out / "_manifests" / "_lease").iterdir())  # released: free at once
+
+    live = plant_lease(out, 4, host="elsewhere", pid=1, expires=now + 60)  # another host, renewed lately
+    with pytest.raises(col.LeaseHeldError, match="run other .* runs 6\\d s more"):
+        col.Lease(str(out), "r3").acquire()
+    live.unlink()
+    plant_lease(out, 4, host="elsewhere", pid=1, expires=now - 1)  # another host, stopped renewing
+    with col.Lease(str(out), "r3") as lease:
+        assert lease.generation == 5
+        assert [p.name for p in (out / "_manifests" / "_lease").iterdir()] == ["g-000000000005.json"]
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    plant_lease(out, 7, host=here, pid=int(gone.stdout), expires=now + 60)  # this host, its process is dead
+    with col.Lease(str(out), "r4") as lease:
+        assert lease.generation == 8
+    plant_lease(out, 9, host=here, pid=os.getpid(), expires=now + 60)  # this host, alive (this very process)
+    with pytest.raises(col.LeaseHeldError):
+        col.Lease(str(out), "r5").acquire()
+
+
+def test_lease_an_unreadable_generation_file_counts_as_dead_after_10_s(tmp_path):
+    import os
+    import time
+    path = tmp_path / "out" / "_manifests" / "_lease" / "g-000000000001.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")  # its writer died between creating and writing it
+    with pytest.raises(col.LeaseHeldError, match="taking the output's lease right now"):
+        col.Lease(str(tmp_path / "out"), "r1").acquire()
+    os.utime(path, (time.time() - 11, time.time() - 11))
+    with col.Lease(str(tmp_path / "out"), "r1") as lease:
+        assert lease.generation == 2
+
+
+def test_recover_merges_journals_and_removes_what_dead_runs_left(tmp_path):
+    out = tmp_path / "out"
+    col.journal_row(row("a", "ok", nfe=7), str(out), "dead")
+    col.journal_row(row("b", "ok", nfe=7), str(out), "dead")
+    col.journal_row(row("c", "ok"), str(out), "finished")  # died after its manifest, before dropping the journal
+    col.write_manifest([row("c", "ok")], str(out), "finished")
+    put(out / "_work" / "dead" / "x.safetensors", b"x")
+    put(out / "_work" / "mine" / "y.safetensors", b"y")
+    put(out / "_manifests" / "run-z.parquet.tmp", b"")
+    counts = col.recover(str(out), "mine")
+    assert counts == {"journals_merged": 1, "rows_merged": 2, "work_folders_removed": 1, "temporary_files_removed": 1}
+    assert sorted(r["content_sha256"] for r in col.read_manifest(str(out / "_manifests" / "run-dead.parquet"))) == \
+        ["a", "b"]
+    assert not (out / "_manifests" / "_journal" / "run-dead").exists()
+    assert not (out / "_manifests" / "_journal" / "run-finished").exists()
+    assert not (out / "_work" / "dead").exists() and (out / "_work" / "mine" / "y.safetensors").exists()
+    assert len(pq.read_table(str(out / "_manifests"))) == 3
+    assert col.recover(str(out), "mine") == dict.fromkeys(counts, 0)  # nothing left to do
+
+
+def test_check_collection_refuses_wrong_locations_up_front(tmp_path):
+    put(tmp_path / "in" / "a.png", png(photo(8, 8)))
+    put(tmp_path / "in" / "out" / "old.png", png(photo(8, 8)))
+    assert [Path(u).name for u in col.check_collection(str(tmp_path / "in"), str(tmp_path / "in" / "out"))] == ["a.png"]
+    for input_uri, output_uri, pattern, problem in [
+            (tmp_path / "in", tmp_path / "in", "**/*", "the output is the input folder"),
+            (tmp_path / "in", str(tmp_path / "in") + "/", "**/*", "the output is the input folder"),
+            (tmp_path / "in", tmp_path, "**/*", "the input lies inside the output"),
+            (tmp_path / "nope", tmp_path / "o", "**/*", "no such file, folder or prefix"),
+            (tmp_path / "in", tmp_path / "o", "*.jpg", "no image matches the pattern '*.jpg'")]:
+        with pytest.raises(ValueError) as e:
+            col.check_collection(str(input_uri), str(output_uri), pattern)
+        assert problem in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()

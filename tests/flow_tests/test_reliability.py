@@ -38,8 +38,16 @@ def read_rows(uri: str) -> dict[str, dict]:
     return {r["source_uri"]: r for r in table.to_pylist()}
 
 
+CONTACT = "_manifests/_contact/"  # the run's contact sheet (gdp.contact_sheet), not at issue here
+
+
 def local_files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    """Files under root (relative paths), without contact sheets."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and CONTACT not in p.as_posix()}
+
+
+def s3_files(fs, prefix: str) -> list[str]:
+    return sorted(p for p in fs.find(prefix) if CONTACT not in p)
 
 
 TINY = dict(task="sr", options={"factor": 2}, steps=1)
@@ -87,7 +95,7 @@ def test_hostile_keys_write_nothing_outside_an_s3_output_root(hostile_bucket, ti
     assert state.is_failed() and "5 images: 1 ok or skipped, 4 failed" in state.message
     check_hostile_rows(read_rows(manifest), keys, "s3://hostile-out/res")
     run_id = state.state_details.flow_run_id
-    assert sorted(s3fs_fresh().find("hostile-out")) == [f"hostile-out/res/_manifests/run-{run_id}.parquet",
+    assert s3_files(s3fs_fresh(), "hostile-out") == [f"hostile-out/res/_manifests/run-{run_id}.parquet",
                                                         "hostile-out/res/good.png"]
     assert not absolute.exists() and not absolute.parent.exists()
 
@@ -170,7 +178,7 @@ def test_bad_files_on_s3_are_failed_rows_and_the_rest_is_restored(s3_env, images
     for name, problem in problems.items():
         r = rows[f"s3://badfiles-in/coll/{name}"]
         assert r["status"] == "failed" and r["error"] == f"s3://badfiles-in/coll/{name}: {problem}", r["error"]
-    assert sorted(fs.find("badfiles-out/res")) == ["badfiles-out/res/_manifests/" + manifest.rsplit("/", 1)[1],
+    assert s3_files(fs, "badfiles-out/res") == ["badfiles-out/res/_manifests/" + manifest.rsplit("/", 1)[1],
                                                    "badfiles-out/res/good0.png", "badfiles-out/res/good1.png"]
     assert seconds < 60  # no retry delays spent on bad files
 
@@ -209,3 +217,259 @@ def test_unreadable_local_file_is_a_failed_row_and_one_cli_line(tmp_path, images
     lines = [line for line in cli.stderr.splitlines() if line.strip() and "%|" not in line]
     assert len(lines) == 1 and lines[0].endswith(f"error: {locked}: cannot read it: permission denied"), cli.stderr
     assert not (tmp_path / "one.png").exists()
+
+
+# ------------------------------------------------------------------ helpers: runs in processes
+
+FLOW_SCRIPT = """
+import json, sys
+from flows.restore_collection import restore_collection
+state = restore_collection(**json.loads(sys.argv[1]), return_state=True)
+print("STATE", state.name, "|", state.message, flush=True)
+"""
+
+
+def flow_env(tmp_path: Path, prefect_api_url: str, name: str = "home") -> dict:
+    return {**os.environ, "PREFECT_API_URL": prefect_api_url, "PREFECT_HOME": str(tmp_path / f"prefect-{name}"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": "1"}
+
+
+def start_flow(parameters: dict, env: dict):
+    """The restore-collection flow in its own process (its own process group, so it can be killed)."""
+    import json
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, "-c", FLOW_SCRIPT, json.dumps(parameters)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(predicate, seconds: float, what: str, proc=None) -> None:
+    import time
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {proc.stdout.read()[-2000:]} {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def write_photos(folder: Path, images, n: int) -> dict[str, bytes]:
+    files = {f"p{k}.png": images.png(images.crop(16, 16, "astronaut", top=20 + 12 * k, left=100 + 9 * k))
+             for k in range(n)}
+    for name, data in files.items():
+        images.write(folder / name, data)
+    return files
+
+
+def dataset(out: Path):
+    import pandas as pd
+    return pd.read_parquet(out / "_manifests")
+
+
+# ------------------------------------------------------------------ 6. what a crash leaves
+
+
+def test_kill_9_mid_run_is_tidied_and_merged_by_the_next_run(tmp_path, images, tiny_prior_path, prefect_api_url):
+    """kill -9 after some images are journaled: the next run (the dead run's lease is freed at once on
+    this host) turns the journal into the dead run's manifest (rows with metrics), removes its work
+    folder, restores the rest and skips the finished ones: one ok row per input in the dataset."""
+    import signal
+    files = write_photos(tmp_path / "in", images, 6)
+    out = tmp_path / "out"
+    params = dict(input_uri=str(tmp_path / "in"), output_uri=str(out), prior=tiny_prior_path, task="sr",
+                  options={"factor": 2}, steps=60, shard_patches=1)
+    proc = start_flow(params, flow_env(tmp_path, prefect_api_url))
+    journal = out / "_manifests" / "_journal"
+    wait_for(lambda: len(list(journal.glob("run-*/*.parquet"))) >= 2, 240, "two journaled images", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    (dead,) = [p.name.removeprefix("run-") for p in journal.iterdir()]
+    finished = len(list((journal / f"run-{dead}").glob("*.parquet")))
+    assert 2 <= finished < 6 and (out / "_work" / dead).exists()
+    assert not list((out / "_manifests").glob("run-*.parquet"))  # it died before its manifest
+
+    state, manifest = run_flow(**params)
+    assert state.is_completed(), state.message
+    table = dataset(out)
+    assert set(table.flow_run_id) == {dead, str(state.state_details.flow_run_id)}
+    recovered = table[table.flow_run_id == dead]
+    assert len(recovered) == finished and set(recovered.status) == {"ok"}
+    assert (recovered.nfe == 60).all() and recovered.consistency_psnr.notna().all()
+    rerun = table[table.flow_run_id != dead]
+    assert len(rerun) == 6 and (rerun.status == "skipped").sum() == finished
+    assert (table.status == "ok").sum() == 6 and table[table.status == "ok"].source_uri.nunique() == 6
+    assert local_files(out) == set(files) | {f"_manifests/run-{dead}.parquet", f"_manifests/{Path(manifest).name}"}
+
+
+def test_a_full_disk_leaves_no_file_that_readers_trip_over(tmp_path):
+    """A manifest write that fails for lack of space (a file size limit, EFBIG, in a child process)
+    leaves no temporary file; the manifests folder still reads as one dataset."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    script = f"""
+import resource, signal
+from gdp import collection as col
+job = col.ImageJob("/in/a.png", "a.png", "/out/a.png", 10, 10, 1, "sha")
+row = {{**col.manifest_row(job, col.Settings(), "prior", "cfg", "r"), "status": "ok"}}
+col.write_manifest([row], {str(out)!r}, "small")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    col.write_manifest([row] * 2000, {str(out)!r}, "big", retry_seconds=0)
+except OSError as e:
+    print("ERRNO", e.errno)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    import errno
+    assert f"ERRNO {errno.EFBIG}" in proc.stdout, proc.stdout + proc.stderr
+    assert sorted(p.name for p in (out / "_manifests").iterdir()) == ["run-small.parquet"]
+    assert len(dataset(out)) == 1
+
+
+def test_the_next_run_removes_temporary_files_a_crash_left(tmp_path, images, tiny_prior_path):
+    """A 0-byte run-….parquet.tmp (what the old writer left after a full disk) made every dataset read
+    fail; the next run removes it (and hidden temporaries), so pandas reads the folder again."""
+    write_photos(tmp_path / "in", images, 1)
+    manifests = tmp_path / "out" / "_manifests"
+    manifests.mkdir(parents=True)
+    (manifests / "run-old.parquet.tmp").write_bytes(b"")
+    (manifests / ".run-old2.parquet.tmp-0123456789abcdef").write_bytes(b"")
+    with pytest.raises(Exception):
+        dataset(tmp_path / "out")
+    state, manifest = run_flow(input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"),
+                               prior=tiny_prior_path, **TINY)
+    assert state.is_completed(), state.message
+    assert {f for f in local_files(manifests.parent) if f.startswith("_manifests/")} == \
+        {f"_manifests/{Path(manifest).name}"}
+    assert list(dataset(tmp_path / "out").status) == ["ok"]
+
+
+def test_an_output_folder_inside_the_input_is_not_restored_again(tmp_path, images, tiny_prior_path):
+    files = write_photos(tmp_path / "in", images, 2)
+    out = tmp_path / "in" / "restored"
+    for k in range(2):
+        state, manifest = run_flow(input_uri=str(tmp_path / "in"), output_uri=str(out), prior=tiny_prior_path, **TINY)
+        assert state.is_completed(), state.message
+        rows = read_rows(manifest)
+        assert sorted(Path(u).name for u in rows) == sorted(files)  # never restored/p0.png
+        assert {r["status"] for r in rows.values()} == ({"ok"} if k == 0 else {"skipped"})
+    assert {f for f in local_files(out) if not f.startswith("_manifests/")} == set(files)
+
+
+@pytest.mark.parametrize("case", ["same", "input inside output", "no such folder", "no match", "s3 prefix"])
+def test_wrong_locations_are_refused_before_anything_is_written(case, tmp_path, images, tiny_prior_path, s3_env,
+                                                                 capsys):
+    """Issue 19.1 and 15.6: refused up front with one line: the CLI exits 2, the flow run fails, and
+    neither creates the output folder, a manifest, or a flow run (the CLI)."""
+    from flows.__main__ import main
+    write_photos(tmp_path / "in", images, 1)
+    fs = s3fs_fresh()
+    if not fs.exists("refuse-bucket"):
+        fs.mkdir("refuse-bucket")
+    input_uri, output_uri, pattern, problem = {
+        "same": (str(tmp_path / "in"), str(tmp_path / "in"), "**/*", "the output is the input folder"),
+        "input inside output": (str(tmp_path / "in"), str(tmp_path), "**/*", "the input lies inside the output"),
+        "no such folder": (str(tmp_path / "no_such_dir"), str(tmp_path / "out"), "**/*",
+                           "no such file, folder or prefix"),
+        "no match": (str(tmp_path / "in"), str(tmp_path / "out"), "*.tif", "no image matches the pattern '*.tif'"),
+        "s3 prefix": ("s3://refuse-bucket/no/such/prefix", str(tmp_path / "out"), "**/*",
+                      "no such file, folder or prefix"),
+    }[case]
+    before = local_files(tmp_path)
+    code = main(["restore", input_uri, output_uri, "--task", "sr", "--prior", tiny_prior_path, "--steps", "1",
+                 "--pattern", pattern])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and problem in err[0] and err[0].startswith("error: "), err
+    state, _ = run_flow(input_uri=input_uri, output_uri=output_uri, pattern=pattern, prior=tiny_prior_path, **TINY)
+    assert state.is_failed() and problem in state.message
+    assert local_files(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ 5. skips that tell the truth
+
+
+def test_a_skip_checks_path_content_configuration_and_the_outputs_own_hash(tmp_path, images, tiny_prior_path):
+    import hashlib
+    files = write_photos(tmp_path / "in", images, 3)
+    out = tmp_path / "out"
+    params = dict(input_uri=str(tmp_path / "in"), output_uri=str(out), prior=tiny_prior_path, **TINY)
+
+    def statuses(manifest) -> dict[str, str]:
+        return {Path(u).name: r["status"] for u, r in read_rows(manifest).items()}
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    state, first = run_flow(**params)
+    assert statuses(first) == {"p0.png": "ok", "p1.png": "ok", "p2.png": "ok"}
+    rows = {Path(u).name: r for u, r in read_rows(first).items()}
+    assert all(rows[n]["output_sha256"] == sha(out / n) for n in files)
+    original = {n: (out / n).read_bytes() for n in files}
+
+    (tmp_path / "in" / "p0.png").write_bytes(files["p1.png"])  # p0 now holds p1's bytes
+    (out / "p2.png").write_bytes(original["p2.png"][:100])  # a truncated output
+    state, second = run_flow(**params)
+    assert statuses(second) == {"p0.png": "ok", "p1.png": "skipped", "p2.png": "ok"}
+    assert (out / "p0.png").read_bytes() == original["p1.png"]  # p0 restored from its new bytes
+    assert (out / "p2.png").read_bytes() == original["p2.png"]  # rewritten whole
+    skipped = {Path(u).name: r for u, r in read_rows(second).items()}["p1.png"]
+    assert skipped["output_sha256"] == sha(out / "p1.png")
+
+    state, third = run_flow(**params)
+    assert set(statuses(third).values()) == {"skipped"}
+
+
+def test_two_runs_started_together_on_one_output(tmp_path, images, tiny_prior_path, prefect_api_url):
+    """Two runs on one output: the output's lease lets exactly one write; the other fails at once with
+    one line naming the holder and writes nothing; the dataset has one ok row per input. (The
+    second starts once the first holds the lease, so that they surely overlap; two that take it at
+    the same instant are told apart by the exclusive create, test_the_lease_is_exclusive_on_s3.)"""
+    files = write_photos(tmp_path / "in", images, 3)
+    out = tmp_path / "out"
+    params = dict(input_uri=str(tmp_path / "in"), output_uri=str(out), prior=tiny_prior_path, task="sr",
+                  options={"factor": 2}, steps=40)
+    first = start_flow(params, flow_env(tmp_path, prefect_api_url, "home1"))
+    wait_for(lambda: list((out / "_manifests" / "_lease").glob("g-*.json")), 240, "the first run's lease", first)
+    second = start_flow(params, flow_env(tmp_path, prefect_api_url, "home2"))
+    (out1, err1), (out2, err2) = first.communicate(timeout=400), second.communicate(timeout=400)
+    assert "STATE Completed |" in out1, err1[-3000:]
+    assert "STATE Failed |" in out2 and "concurrent runs on one output are refused" in out2, out2 + err2[-3000:]
+    table = dataset(out)
+    assert len(table) == 3 and set(table.status) == {"ok"} and table.source_uri.nunique() == 3
+    assert {f for f in local_files(out) if not f.startswith("_manifests/")} == set(files)
+
+
+def test_the_lease_is_exclusive_on_s3(s3_env):
+    """Conditional PUTs (If-None-Match) on the loopback S3 server: a second holder is refused while
+    the first lives, and gets the lease once it is released."""
+    fs = s3fs_fresh()
+    if not fs.exists("lease-bucket"):
+        fs.mkdir("lease-bucket")
+    first = col.Lease("s3://lease-bucket/out", "run-a").acquire()
+    try:
+        assert first.generation == 1
+        with pytest.raises(col.LeaseHeldError, match="run run-a .* is writing this output"):
+            col.Lease("s3://lease-bucket/out", "run-b").acquire()
+        with pytest.raises(FileExistsError):  # what makes two simultaneous takers safe
+            first._create(1)
+        first.renew()
+        assert not first.lost
+    finally:
+        first.release()
+    path = "lease-bucket/out/_manifests/_lease/g-000000000001.json"
+    with col.Lease("s3://lease-bucket/out", "run-b") as second:
+        assert second.generation == 1 and fs.find("lease-bucket/out") == [path]
+    assert fs.find("lease-bucket/out") == []
+    # a holder presumed dead whose generation was taken over by another run notices at its next renewal
+    stalled = col.Lease("s3://lease-bucket/out", "run-c").acquire()
+    stalled._stop.set()  # its renewals stop (a stalled process)
+    fs.rm_file(path)  # presumed dead: its file is gone, and another run takes the same generation
+    with col.Lease("s3://lease-bucket/out", "run-d") as taker:
+        stalled._stop.clear()
+        stalled.renew()
+        assert stalled.lost and not taker.lost
+        stalled.release()  # a lost lease is not released: the file is the taker's
+        assert b"run-d" in fs.cat_file(path)
+    assert fs.find("lease-bucket/out") == []

@@ -197,7 +197,7 @@ def test_s3_end_to_end(first_run, s3_collection, tiny_prior_path):
     fs = s3fs_fresh()
     outputs = sorted(p.removeprefix("out-bucket/res/") for p in first_run.objects)
     assert outputs == sorted(["astro.png", "coffee.png", "gray16.png", "photos/oriented.jpg",
-                              f"_manifests/run-{run_id}.parquet"])
+                              f"_manifests/run-{run_id}.parquet", f"_manifests/_contact/run-{run_id}.png"])
     assert fs.find("out-bucket/res/_work") == []
     for name in GOOD:
         rel = "photos/oriented.jpg" if name == "oriented.jpg" else name
@@ -324,7 +324,8 @@ def test_cli_inpaint_sidecar_masks(tmp_path, images, tiny_prior_path, prefect_ap
     for rel, pixels in inputs.items():
         with Image.open(tmp_path / "out" / rel) as im:
             assert im.size == pixels.shape[1::-1] and im.mode == "RGB"
-    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["a.png", "b.png"]
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png")
+                  if "_contact" not in p.parts) == ["a.png", "sub/b.png"]
 
 
 def test_assemble_failure_after_retries_is_a_full_row(tmp_path, images, tiny_prior_path, monkeypatch):
