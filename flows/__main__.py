@@ -121,6 +121,11 @@ def _box(text: str | None) -> list[int] | None:
 
 def run_restore(parameters: dict) -> int:
     from flows.restore_collection import restore_collection
+    from gdp.collection import check_collection
+    try:  # a wrong input path, a pattern that matches nothing, output == input: one line, exit 2, nothing made
+        check_collection(parameters["input_uri"], parameters["output_uri"], parameters.get("pattern", "**/*"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     state = restore_collection(**parameters, return_state=True)
     manifest = state.result(raise_on_failure=False)
     print(f"{state.name}: {state.message}")
