@@ -84,9 +84,10 @@ def run(args) -> list[dict]:
             guidance = dataclasses.replace(default_guidance(task), **options)
             t0 = time.perf_counter()
             result = restore(case.y, task, prior, operator=case.op, steps=args.steps, seed=args.seed,
-                             guidance=guidance)
+                             guidance=guidance, samples=args.samples)
             rows.append(_row(base, "gdp", quantise(result.image), case, time.perf_counter() - t0,
-                             {**options, "steps": args.steps, "nfe": result.nfe}))
+                             {**options, "steps": args.steps, "samples": args.samples,
+                              "nfe": result.nfe}))
             print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
@@ -106,6 +107,7 @@ def main(argv=None) -> None:
     p.add_argument("--grid", nargs="*", default=[], help="Guidance field=v1,v2 (every combination is run)")
     p.add_argument("--sigma-y", type=float, default=0.0, help="observation noise added by the protocol")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=1, help="posterior samples averaged per image")
     p.add_argument("--noise-seed", type=int, default=0)
     p.add_argument("--prior", default="default")
     p.add_argument("--no-baselines", dest="baselines", action="store_false")

@@ -163,6 +163,10 @@ def restore_collection(
     seed: int = 0,
     guidance: Literal["x0", "xt"] = "x0",
     scale: Annotated[float | None, Field(ge=0)] = None,
+    data_step: Annotated[Literal["auto", "gradient", "cg", "project"],
+                         Field(description="auto: project (sr, inpaint, colorize), cg (deblur), gradient (blind)")] = "auto",
+    sigma_y: Annotated[float, Field(ge=0, le=1, description="observation noise std in [0, 1] units")] = 0.0,
+    cg_iters: Annotated[int | None, Field(ge=1, le=1000, description="CG iterations per step (default 40)")] = None,
     samples: Annotated[int, Field(ge=1)] = 1,
     pattern: str = "**/*",
     tiling: TilingOptions = TilingOptions(),
@@ -171,7 +175,9 @@ def restore_collection(
     shard_patches: Annotated[int, Field(ge=1, description="patches per GPU task (images stay whole)")] = 64,
     reference_uri: str | None = None,
     max_images: Annotated[int | None, Field(ge=1)] = None,
-    max_megapixels: Annotated[float, Field(gt=0)] = 100.0,
+    max_megapixels: Annotated[float, Field(gt=0, description="larger inputs are refused from their header")] = 100.0,
+    max_output_megapixels: Annotated[float, Field(gt=0, description="larger outputs (after x factor) are refused "
+                                                                    "from the input's header")] = 100.0,
     storage_retry_seconds: Annotated[float, Field(ge=0, description="how long one storage operation is retried "
                                                                    "through an outage (docs/RELIABILITY.md)")] = 120.0,
     overwrite: bool = False,
@@ -302,10 +308,11 @@ def _prepare(p: dict) -> _Run:
     options, tiling = p["options"], p["tiling"]
     settings = col.Settings(task=p["task"], options=_operator_options(p["task"], options), prior=p["prior"],
                             preset=p["preset"], steps=p["steps"], seed=p["seed"], guidance=p["guidance"],
-                            scale=p["scale"], samples=p["samples"], tiling=tiling.mode, patch=tiling.patch,
+                            scale=p["scale"], data_step=p["data_step"], sigma_y=p["sigma_y"],
+                            cg_iters=p["cg_iters"], samples=p["samples"], tiling=tiling.mode, patch=tiling.patch,
                             stride=tiling.stride, blend=tiling.blend, batch_size=p["batch_size"], mask=options.mask,
                             storage_options=_storage_options(p["storage_block"]),
-                            retry_seconds=p["storage_retry_seconds"])
+                            retry_seconds=p["storage_retry_seconds"], max_output_megapixels=p["max_output_megapixels"])
     devices = tuple(col.resolve_device(d) for d in p["devices"])
     model = col.cached_prior(p["prior"], p["preset"], devices[0])
     output_uri = p["output_uri"] if "://" in p["output_uri"] else os.path.abspath(p["output_uri"])

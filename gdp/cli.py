@@ -181,6 +181,14 @@ def add_restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=number(0), help="guidance scale s, quoted at 1000 steps and 256x256 "
                    "(default per task: sr 16000, deblur 48000, inpaint 48000, colorize 6000, lowlight 80000, "
                    "hdr 80000, blind deblur 48000)")
+    p.add_argument("--data-step", choices=["auto", "gradient", "cg", "project"], default="auto",
+                   help="how each step agrees with the observation: auto (project for sr/inpaint/colorize, cg for "
+                        "deblur, gradient for the blind tasks), gradient (the paper's capped step), cg (conjugate "
+                        "gradients on the data term), project (its closed form where A A^T = cI, else cg)")
+    p.add_argument("--sigma-y", type=number(0, 1), default=0.0,
+                   help="noise std of the observation in [0, 1] units (e.g. 0.02); the solved data steps fit y "
+                        "less tightly as it grows (default 0: only 8-bit quantisation)")
+    p.add_argument("--cg-iters", type=integer(1, 1000), help="conjugate-gradient iterations per step (default 40)")
     p.add_argument("--samples", type=integer(1), default=1, help="average this many posterior samples")
     p.add_argument("--tiling", choices=["auto", "single", "fused", "hierarchical"], default="auto",
                    help="auto: one pass at the prior's size, fused patches up to 4 MP, hierarchical above (a coarse "
@@ -376,6 +384,7 @@ def cmd_restore(args: argparse.Namespace) -> dict:
                              f"or --box X,Y,W,H (no {mask} found)")
         options = {"mask_file": mask}
     op = make_operator(task, **options)
+    check_restore_size(inputs[0], op, args, len(inputs))  # from the header, before decoding or allocating
     images = [read_image(obs) for obs in inputs]
     img = images[0]
     if task == "hdr":
@@ -394,7 +403,8 @@ def cmd_restore(args: argparse.Namespace) -> dict:
     print(describe_job(task, y, op, prior, args), file=sys.stderr, flush=True)
     rule = "paper" if args.paper_scale else None
     guidance = default_guidance(task, scale=args.scale, mode=args.guidance, color_weight=args.color_weight,
-                                exposure_weight=args.exposure_weight,
+                                exposure_weight=args.exposure_weight, data_step=args.data_step,
+                                sigma_y=args.sigma_y, cg_iters=args.cg_iters,
                                 **({"step_rule": rule, "size_rule": rule} if rule else {}))
     bar = ProgressBar(args.steps * args.samples, "restore")
     result = restore(y, task, prior, operator=op, steps=args.steps, seed=args.seed, guidance=guidance,
@@ -408,7 +418,7 @@ def cmd_restore(args: argparse.Namespace) -> dict:
               "nfe": result.nfe, "seconds": round(result.seconds, 3),
               "consistency_psnr": round(float(result.consistency_psnr[0]), 3), "tiling": result.tiling,
               "prior": prior.prior_id, "seed": args.seed, "device": str(prior.device), "guidance": args.guidance,
-              "scale": guidance.scale, "dpi": img.dpi_for(image.shape[-1], image.shape[-2]),
+              "scale": guidance.scale, "data_step": guidance.data_step, "sigma_y": guidance.sigma_y, "dpi": img.dpi_for(image.shape[-1], image.shape[-2]),
               "notes": list(img.notes) + ([f"wrote {depth}-bit: {out} cannot hold {img.bit_depth} bits"]
                                           if depth != img.bit_depth else [])}
     if result.params:
@@ -416,6 +426,18 @@ def cmd_restore(args: argparse.Namespace) -> dict:
         if args.save_params:
             report["saved_params"] = save_params(op, args.save_params, image.shape[-2], image.shape[-1])
     return report
+
+
+def check_restore_size(uri: str, op, args: argparse.Namespace, exposures: int = 1) -> None:
+    """ImageError (one line) if the output would exceed max_output_megapixels or the memory this
+    process can get (gdp.limits), from the input's header alone (hdr: its exposures stack)."""
+    from gdp.io import read_info
+    from gdp.limits import DEFAULT_MAX_OUTPUT_MEGAPIXELS, auto_mode, check_size
+    info = read_info(uri)
+    channels = 3 * exposures if exposures > 1 else info.channels
+    _, _, height, width = op.x_shape((1, channels, info.height, info.width))
+    check_size(uri, info.width, info.height, width, height, auto_mode(width, height, args.tiling),
+               getattr(args, "max_output_megapixels", None) or DEFAULT_MAX_OUTPUT_MEGAPIXELS)
 
 
 def check_patch(prior, patch: int | None, stride: int | None) -> None:

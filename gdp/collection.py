@@ -29,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import UnidentifiedImageError
 
 from gdp import __version__
+from gdp.limits import check_memory, check_size
 from gdp.io import IMAGE_EXTENSIONS, ImageError, _write_atomic, list_images, read_image, read_info, relative_path, write_image
 
 _log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class Settings:
     seed: int = 0
     guidance: str = "x0"
     scale: float | None = None
+    data_step: str = "auto"  # gdp.restore.default_guidance: the measured data step per task
+    sigma_y: float = 0.0
+    cg_iters: int | None = None
     samples: int = 1
     tiling: str = "auto"
     patch: int | None = None
@@ -62,10 +66,11 @@ class Settings:
     batch_size: int = 8
     storage_options: dict = field(default_factory=dict, repr=False)
     retry_seconds: float = 120.0  # how long one storage operation is retried through an outage (RETRY_DELAYS)
+    max_output_megapixels: float = 100.0  # larger outputs are refused from the header (gdp.limits)
 
     def result_config(self, prior_id: str) -> dict:
-        keys = ("task", "options", "steps", "seed", "guidance", "scale", "samples", "tiling", "patch", "stride",
-                "blend", "mask")
+        keys = ("task", "options", "steps", "seed", "guidance", "scale", "data_step", "sigma_y", "cg_iters",
+                "samples", "tiling", "patch", "stride", "blend", "mask")
         return {"gdp": __version__, "prior_id": prior_id, **{k: getattr(self, k) for k in keys}}
 
     def config_hash(self, prior_id: str) -> str:
@@ -87,6 +92,7 @@ class ImageJob:
     status: str = "pending"  # pending | skipped | failed
     error: str = ""
     mode: str = ""  # tiling mode: single | fused | hierarchical
+    memory_bytes: int = 0  # gdp.limits.estimate_bytes of restoring it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +245,9 @@ def _plan_one(job: ImageJob, settings: Settings, native: int, max_pixels: int | 
     op = make_operator(settings.task, **_options_for_shape(settings))
     _, _, h, w = op.x_shape((1, info.channels, info.height, info.width))
     plan = plan_tiling(max(h, native), max(w, native), native, settings.tiling, settings.patch, settings.stride)
-    return replace(job, width=w, height=h, n_patches=plan["n_patches"], mode=plan["mode"], content_sha256=sha)
+    need = check_size(job.source_uri, info.width, info.height, w, h, plan["mode"], settings.max_output_megapixels)
+    return replace(job, width=w, height=h, n_patches=plan["n_patches"], mode=plan["mode"], content_sha256=sha,
+                   memory_bytes=need)
 
 
 def _options_for_shape(settings: Settings) -> dict:
@@ -740,6 +748,7 @@ def _operator_for(job: ImageJob, settings: Settings):
 
 def _restore_one(job: ImageJob, settings: Settings, prior, work_root: str) -> ImageResult:
     from gdp.restore import prepare_observation, restore
+    check_memory(job.source_uri, job.memory_bytes, f"{job.width}x{job.height} {job.mode}")  # again: memory now
     img = retrying(settings.retry_seconds, read_image, job.source_uri, **settings.storage_options)
     op = retrying(settings.retry_seconds, _operator_for, job, settings)
     y, gray = prepare_observation(img.pixels, settings.task, op)
@@ -802,7 +811,8 @@ def _hierarchical_plan(job: ImageJob, settings: Settings, native: int, op):
 
 def _guidance(settings: Settings):
     from gdp.restore import default_guidance
-    return default_guidance(settings.task, scale=settings.scale, mode=settings.guidance)
+    return default_guidance(settings.task, scale=settings.scale, mode=settings.guidance, data_step=settings.data_step,
+                            sigma_y=settings.sigma_y, cg_iters=settings.cg_iters)
 
 
 def coarse_pass(job: ImageJob, settings: Settings, work_root: str, device: str = "auto") -> tuple[str, int, float]:

@@ -32,6 +32,13 @@ PAPER_SCALES = {"sr": 2000.0, "deblur": 6000.0, "inpaint": 4000.0, "colorize": 6
 # 25.82 dB at 2000, 27.55 dB at 16000; deblur 26.03 -> 26.32 dB at 48000; inpaint 34.99 -> 37.10 dB).
 DEFAULT_SCALES = {"sr": 16000.0, "deblur": 48000.0, "inpaint": 48000.0, "colorize": 6000.0,
                   "lowlight": 80000.0, "hdr": 80000.0, "blind-deblur": 48000.0}
+# The data step per task (docs/BENCHMARKS.md, "The data step"): solved where the operator is
+# linear, the paper's gradient step for the blind tasks, whose parameters are estimated with it.
+DEFAULT_DATA_STEPS = {"sr": "project", "deblur": "cg", "inpaint": "project", "colorize": "project",
+                      "lowlight": "gradient", "hdr": "gradient", "blind-deblur": "gradient"}
+# Settings of the solved steps, measured on held-out crops (bench/data_step.py): fresh re-noising
+# (zeta 1) beat the posterior and partial re-noising on every task; 40 CG iterations for deblurring.
+SOLVED_DEFAULTS = {"cg_iters": 40, "zeta": 1.0, "prox": 1.0}
 PAPER_COLOR_WEIGHT = 500.0
 REFERENCE_SIZE = 256
 REFERENCE_STEPS = 1000

@@ -12,7 +12,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from gdp.guidance import DEFAULT_SCALES, PAPER_COLOR_WEIGHT, PAPER_SCALES, Guidance
+from gdp.guidance import DEFAULT_DATA_STEPS, DEFAULT_SCALES, PAPER_COLOR_WEIGHT, PAPER_SCALES, SOLVED_DEFAULTS, Guidance
 from gdp.metrics import consistency_psnr
 from gdp.operators import Operator, make_operator
 from gdp.prior.checkpoint import Prior
@@ -36,19 +36,25 @@ class Restoration:
 
 def default_guidance(task: str, *, scale: float | None = None, mode: Literal["x0", "xt"] = "x0",
                      step_rule: str = "constant-total", size_rule: str = "per-pixel",
-                     color_weight: float | None = None, exposure_weight: float = 0.0) -> Guidance:
-    """Guidance for `task`: our measured default scale (or the paper's with the paper rules); the
-    paper's colour-constancy term (500) for colorize with the paper rules only: it pulls the
-    output's channel means together, and with the shipped prior halves the little colour there is
-    (mean chroma 0.0029 against 0.0064 without it, docs/PRIOR.md). Everything overridable."""
+                     color_weight: float | None = None, exposure_weight: float = 0.0,
+                     data_step: str | None = None, sigma_y: float = 0.0, cg_iters: int | None = None) -> Guidance:
+    """Guidance for `task`: our measured data step (DEFAULT_DATA_STEPS; "auto" or None) and default
+    scale, or with the paper rules the paper's gradient step and scale; the paper's colour-constancy
+    term (500) for colorize with the paper rules only: it pulls the output's channel means together,
+    and with the shipped prior halves the little colour there is (mean chroma 0.0029 against 0.0064
+    without it, docs/PRIOR.md). GDP-xt keeps the gradient step. Everything overridable."""
     if task not in PAPER_SCALES:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(PAPER_SCALES)}")
     if scale is None:
         scale = PAPER_SCALES[task] if step_rule == "paper" else DEFAULT_SCALES[task]
     if color_weight is None:
         color_weight = PAPER_COLOR_WEIGHT if task == "colorize" and step_rule == "paper" else 0.0
+    if data_step in (None, "auto"):
+        data_step = "gradient" if step_rule == "paper" or mode == "xt" else DEFAULT_DATA_STEPS[task]
+    solved = {} if data_step == "gradient" else SOLVED_DEFAULTS
     return Guidance(scale=scale, mode=mode, color_weight=color_weight, exposure_weight=exposure_weight,
-                    step_rule=step_rule, size_rule=size_rule)
+                    step_rule=step_rule, size_rule=size_rule, data_step=data_step, sigma_y=sigma_y,
+                    **{**solved, **({"cg_iters": cg_iters} if cg_iters else {})})
 
 
 def operator_options(task: str, *, factor: int = 4, filter: str = "avgpool", sigma: float | None = None,
@@ -121,6 +127,10 @@ class CropFirst(torch.nn.Module):
 
     def y_shape(self, x_shape: tuple) -> tuple:
         return self.inner.y_shape(x_shape)
+
+    def gram_scalar(self) -> float | None:
+        """The inner operator's: a crop's adjoint is zero-padding, and crop(pad(v)) = v."""
+        return self.inner.gram_scalar() if hasattr(self.inner, "gram_scalar") else None
 
 
 FUSED_MAX_PIXELS = 4_000_000  # auto tiling: fused up to 4 MP, hierarchical above

@@ -321,3 +321,20 @@ def test_threads_default_is_half_the_cores_unless_omp_num_threads_is_set(monkeyp
     assert default_threads(devices=cores) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert default_threads() == 3
+
+
+@pytest.mark.parametrize("data_step, expected", [([], "cg"), (["--data-step", "gradient"], "gradient"),
+                                                 (["--data-step", "project"], "project")])
+def test_restore_data_step_option_reaches_the_sampler(capsys, tmp_path, photo_png, tiny_prior_file, data_step,
+                                                      expected):
+    """deblur's default data step is cg; the report says which one ran and with what sigma_y; the
+    solved steps fit the observation closer than the capped gradient step of the paper
+    (deblur has no closed form: project falls back to cg)."""
+    obs = tmp_path / "obs.png"
+    assert run(capsys, "degrade", photo_png, obs, "--task", "deblur")[0] == 0
+    code, info, err = run(capsys, "restore", obs, tmp_path / "out.png", "--task", "deblur", "--prior",
+                          tiny_prior_file, *FAST, *data_step, "--cg-iters", "5")
+    assert code == 0, err
+    assert (info["data_step"], info["sigma_y"]) == (expected, 0.0)
+    # (a random-weight prior: its x0_hat is far off, and the clip to [0, 1] limits both)
+    assert info["consistency_psnr"] > (22 if expected == "gradient" else 26)

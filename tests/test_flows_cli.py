@@ -136,3 +136,24 @@ def test_blind_options_reach_the_flow_parameters():
     options = restore_parameters(args)["options"]
     assert (options["grid"], options["lr_f"], options["target_mean"], options["param_init"], options["tv_weight"]) \
         == (4, 0.5, 0.3, "reference", 2.0)
+
+
+def test_data_step_options_reach_the_flow_and_its_settings():
+    """--data-step, --sigma-y and --cg-iters go from `python -m flows restore` into the flow's
+    parameters, its typed form, the Settings that build the guidance, and the skip key."""
+    from gdp import collection as col
+    from gdp.restore import default_guidance
+
+    args = build_parser().parse_args(["restore", "in", "out", "--task", "deblur", "--data-step", "cg",
+                                      "--sigma-y", "0.05", "--cg-iters", "7"])
+    p = restore_parameters(args)
+    assert (p["data_step"], p["sigma_y"], p["cg_iters"]) == ("cg", 0.05, 7)
+    settings = col.Settings(task="deblur", data_step=p["data_step"], sigma_y=p["sigma_y"], cg_iters=p["cg_iters"])
+    g = col._guidance(settings)
+    assert (g.data_step, g.sigma_y, g.cg_iters) == ("cg", 0.05, 7)
+    assert settings.config_hash("p") != col.Settings(task="deblur").config_hash("p")
+    defaults = restore_parameters(build_parser().parse_args(["restore", "in", "out", "--task", "sr"]))
+    assert (defaults["data_step"], defaults["sigma_y"], defaults["cg_iters"]) == ("auto", 0.0, None)
+    assert col._guidance(col.Settings(task="sr")).data_step == default_guidance("sr").data_step == "project"
+    with pytest.raises(ValueError, match="sigma-y"):  # the CLI's UsageError: one line, exit 2
+        build_parser().parse_args(["restore", "in", "out", "--task", "sr", "--sigma-y", "2"])

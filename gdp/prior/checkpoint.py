@@ -87,12 +87,42 @@ class Prior:
         return self
 
 
+# Bounds on an architecture that a file's metadata may declare, far above any real prior (ADM 256:
+# 256 channels, 6 levels, 2 blocks, 1000 training steps), so that the spec itself stays cheap to
+# check; the real bound on memory is that every weight must be in the file (check_keys, below).
+SPEC_LIMITS = {"image_size": 8192, "in_channels": 64, "model_channels": 4096, "out_channels": 128,
+               "num_res_blocks": 32, "num_heads": 1024, "num_head_channels": 4096, "levels": 12,
+               "channel_mult": 64, "num_train_steps": 100_000}
+
+
+def check_spec(spec: PriorSpec, source: str = "") -> None:
+    """CheckpointError for an architecture out of SPEC_LIMITS (before anything is built)."""
+    u = spec.unet
+    values = {"image_size": u.image_size, "in_channels": u.in_channels, "model_channels": u.model_channels,
+              "out_channels": u.out_channels, "num_res_blocks": u.num_res_blocks, "num_heads": u.num_heads,
+              "num_head_channels": u.num_head_channels, "levels": len(u.channel_mult),
+              "channel_mult": max(u.channel_mult, default=1), "num_train_steps": spec.num_train_steps}
+    for key, value in values.items():
+        if not isinstance(value, int) or value > SPEC_LIMITS[key] or (value < 1 and key not in ("num_heads",
+                                                                                              "num_head_channels")):
+            raise CheckpointError(f"{source or 'prior'}: its architecture declares {key} = {value!r}, outside "
+                                  f"1..{SPEC_LIMITS[key]}; not a prior this package can build")
+
+
 def build_prior(spec: PriorSpec, state_dict: dict | None = None, *, device: str | torch.device = "cpu",
                 prior_id: str = "random", source: str = "") -> Prior:
-    """Instantiate the UNet of `spec`, load `state_dict` strictly (if given), move to `device`."""
+    """Instantiate the UNet of `spec`, load `state_dict` strictly (if given), move to `device`.
+
+    With a state dict, the architecture is checked against it first on the meta device (shapes
+    only, no memory), so a file must hold every weight of the network it declares: a few hundred
+    bytes of metadata cannot make this allocate a large network."""
+    check_spec(spec, source)
+    if state_dict is not None:
+        with torch.device("meta"):
+            shapes_only = UNet(spec.unet)
+        check_keys(shapes_only, state_dict, source)
     unet = UNet(spec.unet)
     if state_dict is not None:
-        check_keys(unet, state_dict, source)
         unet.load_state_dict(state_dict, strict=True)
     unet.eval().requires_grad_(False).to(device)
     schedule = Schedule.from_betas(make_betas(spec.schedule, spec.num_train_steps))

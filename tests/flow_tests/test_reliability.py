@@ -473,3 +473,142 @@ def test_the_lease_is_exclusive_on_s3(s3_env):
         stalled.release()  # a lost lease is not released: the file is the taker's
         assert b"run-d" in fs.cat_file(path)
     assert fs.find("lease-bucket/out") == []
+
+
+# ------------------------------------------------------------ 3. limits before allocation
+
+
+def peak_rss(argv: list[str], env: dict, address_space: int | None = None, timeout: float = 300):
+    """Run a child to its end: (returncode, stdout, stderr, peak RSS in bytes), from its own rusage."""
+    import resource
+    import subprocess
+    import tempfile
+
+    def cap():
+        if address_space:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=err, preexec_fn=cap)
+        import time
+        deadline = time.monotonic() + timeout
+        while True:  # wait4 reaps the child and gives its own resource usage
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"{argv[:4]} ran past {timeout} s")
+            time.sleep(0.1)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read(), usage.ru_maxrss * 1024
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip() and "%|" not in line and
+             not line.startswith("restore ")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def bomb_png(tmp_path_factory) -> str:
+    """A 9000x9000 PNG of under 100 KB (a flat gray compresses to nearly nothing)."""
+    from PIL import Image
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    Image.new("L", (9000, 9000), 128).save(path, optimize=True)
+    assert path.stat().st_size < 256 * 1024
+    return str(path)
+
+
+def test_a_tiny_prior_file_that_declares_a_huge_network_is_refused_before_building_it(tmp_path, images):
+    """524 bytes of safetensors whose metadata declares a 2048-channel ADM (billions of weights):
+    refused by the shape check on the meta device, in one line, with the CLI's peak RSS far below
+    what building the network would take."""
+    import json
+    import sys
+
+    import torch
+    from safetensors.torch import save
+
+    from gdp.prior.checkpoint import PriorSpec
+    spec = {**PriorSpec.from_preset("adm-256-uncond").to_dict(), "preset": None}
+    spec["unet"] = {**spec["unet"], "model_channels": 2048}
+    prior = tmp_path / "huge.safetensors"
+    prior.write_bytes(save({"x": torch.zeros(1)}, metadata={"gdp_spec": json.dumps(spec)}))
+    assert prior.stat().st_size < 600
+    absurd = tmp_path / "absurd.safetensors"
+    spec["unet"] = {**spec["unet"], "model_channels": 10**7}
+    absurd.write_bytes(save({"x": torch.zeros(1)}, metadata={"gdp_spec": json.dumps(spec)}))
+    obs = images.write(tmp_path / "obs.png", images.png(images.crop(16, 16)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for path, problem in ((prior, "checkpoint does not fit the architecture; missing keys"),
+                          (absurd, "declares model_channels = 10000000, outside 1..4096")):
+        code, _, err, rss = peak_rss([sys.executable, "-m", "gdp", "restore", obs, str(tmp_path / "out.png"),
+                                      "--task", "sr", "--factor", "2", "--steps", "1", "--prior", str(path)], env)
+        assert code == 2 and problem in one_error_line(err), err[-2000:]
+        assert rss < 1.5 * GIB, rss  # the declared network alone: about 28 GiB of float32 weights
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_small_png_with_a_huge_output_is_refused_from_its_header(bomb_png, tmp_path, images, tiny_prior_path,
+                                                                   prefect_api_url):
+    """9000x9000 in under 100 KB, x2 super-resolution: an 18000x18000 output is above
+    max_output_megapixels; the flow writes a failed row (no retries) and restores the good image,
+    the CLI prints one line; neither decodes the image (peak RSS)."""
+    import shutil
+    import sys
+    shutil.copy(bomb_png, images.write(tmp_path / "in" / "good.png", images.png(images.crop(16, 16))).replace(
+        "good.png", "bomb.png"))
+    env = flow_env(tmp_path, prefect_api_url)
+    code, out, err, rss = peak_rss([sys.executable, "-m", "flows", "restore", str(tmp_path / "in"),
+                                    str(tmp_path / "out"), "--task", "sr", "--factor", "2", "--steps", "1",
+                                    "--prior", tiny_prior_path], env)
+    assert code == 1, out[-2000:] + err[-2000:]
+    (manifest,) = (tmp_path / "out" / "_manifests").glob("run-*.parquet")
+    rows = {Path(u).name: r for u, r in read_rows(str(manifest)).items()}
+    assert rows["good.png"]["status"] == "ok"
+    assert rows["bomb.png"]["status"] == "failed" and rows["bomb.png"]["error"] == (
+        f"{tmp_path / 'in' / 'bomb.png'}: its output would be 18000x18000 (324.0 MP), above the limit of 100 MP "
+        "(max_output_megapixels)")
+    assert "Retrying" not in err
+    assert rss < 1.5 * GIB, rss  # decoding alone would hold 81 M pixels as float32 (0.3 GiB per channel)
+
+    code, _, err, rss = peak_rss([sys.executable, "-m", "gdp", "restore", bomb_png, str(tmp_path / "one.png"),
+                                  "--task", "sr", "--factor", "2", "--steps", "1", "--prior", tiny_prior_path],
+                                 {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert code == 2 and one_error_line(err).endswith("its output would be 18000x18000 (324.0 MP), above the "
+                                                      "limit of 100 MP (max_output_megapixels)"), err[-2000:]
+    assert rss < 1.2 * GIB and not (tmp_path / "one.png").exists()
+
+
+def test_an_image_that_needs_more_memory_than_the_process_can_get_is_refused(bomb_png, tmp_path, images,
+                                                                             tiny_prior_path, prefect_api_url):
+    """9000x9000 deblurred (81 MP, under the output limit) under a 6 GiB address-space cap: the
+    memory estimate (about 7 GiB) exceeds what the process can get; one line / one failed row,
+    without trying."""
+    import shutil
+    import sys
+    images.write(tmp_path / "in" / "good.png", images.png(images.crop(16, 16)))
+    shutil.copy(bomb_png, tmp_path / "in" / "bomb.png")
+    cap = 6 * GIB
+    code, _, err, _ = peak_rss([sys.executable, "-m", "gdp", "restore", bomb_png, str(tmp_path / "one.png"),
+                                "--task", "deblur", "--steps", "1", "--prior", tiny_prior_path],
+                               {**os.environ, "OMP_NUM_THREADS": "1"}, address_space=cap)
+    line = one_error_line(err)
+    assert code == 2 and "restoring it (9000x9000 hierarchical) needs about 6.9 GiB" in line, err[-2000:]
+    assert "GiB (memory estimate, docs/RELIABILITY.md)" in line and not (tmp_path / "one.png").exists()
+
+    code, out, err, _ = peak_rss([sys.executable, "-m", "flows", "restore", str(tmp_path / "in"),
+                                  str(tmp_path / "out"), "--task", "deblur", "--steps", "1",
+                                  "--prior", tiny_prior_path], flow_env(tmp_path, prefect_api_url), address_space=cap)
+    assert code == 1, out[-2000:] + err[-3000:]
+    (manifest,) = (tmp_path / "out" / "_manifests").glob("run-*.parquet")
+    rows = {Path(u).name: r for u, r in read_rows(str(manifest)).items()}
+    assert rows["good.png"]["status"] == "ok"
+    assert rows["bomb.png"]["status"] == "failed" and "needs about 6.9 GiB" in rows["bomb.png"]["error"]
