@@ -150,3 +150,111 @@ def images() -> SimpleNamespace:
     """Image-building helpers (no state)."""
     return SimpleNamespace(crop=crop, downsample=downsample, png=png_bytes, jpeg=jpeg_bytes, icc=srgb_icc,
                            gray16=gray16, write=write)
+
+
+# ------------------------------------------------------------------------------ flaky network
+
+
+class LoopbackProxy:
+    """A TCP proxy on 127.0.0.1 in front of another loopback server, that can go down: `down()` closes
+    its listening socket and every open connection (clients then get ECONNREFUSED, as from a
+    storage endpoint that is unreachable), `up()` listens again on the same port."""
+
+    def __init__(self, target: tuple[str, int]):
+        import socket
+        import threading
+        self.target = target
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._lock = threading.Lock()
+        self._conns: list = []
+        self._listener = None
+        self.refused_since: float | None = None
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        import socket
+        import threading
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        self.refused_since = None
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        import socket
+        import time
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        self.refused_since = time.monotonic()
+        if listener:
+            listener.close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self, listener) -> None:
+        import socket
+        import threading
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by down()
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # went down meanwhile
+                    client.close()
+                    server.close()
+                    return
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        import socket
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.down()
+
+
+@pytest.fixture
+def s3_proxy(s3_env, moto_endpoint):
+    """A LoopbackProxy in front of the moto server, and AWS_ENDPOINT_URL pointing at it for the test."""
+    import s3fs
+    host, port = moto_endpoint.removeprefix("http://").split(":")
+    proxy = LoopbackProxy((host, int(port)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", proxy.url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield proxy
+        proxy.close()
+    s3fs.S3FileSystem.clear_instance_cache()

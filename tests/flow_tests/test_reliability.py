@@ -612,3 +612,52 @@ def test_an_image_that_needs_more_memory_than_the_process_can_get_is_refused(bom
     rows = {Path(u).name: r for u, r in read_rows(str(manifest)).items()}
     assert rows["good.png"]["status"] == "ok"
     assert rows["bomb.png"]["status"] == "failed" and "needs about 6.9 GiB" in rows["bomb.png"]["error"]
+
+
+# ------------------------------------------------------------------------------ 4. outages
+
+
+def test_a_40_second_s3_outage_mid_run_is_survived(s3_proxy, moto_endpoint, images, tiny_prior_path):
+    """The flow talks to S3 through a loopback proxy; once the first output is written, the proxy
+    refuses every connection for 40 s (botocore's EndpointConnectionError). Each storage operation
+    waits it out (collection.retrying, 120 s by default): every image ends ok, nothing is restored twice."""
+    import threading
+    import time
+
+    import s3fs
+    direct = s3fs.S3FileSystem(endpoint_url=moto_endpoint, skip_instance_cache=True, use_listings_cache=False)
+    for bucket in ("outage-in", "outage-out"):
+        if not direct.exists(bucket):
+            direct.mkdir(bucket)
+    n = 12
+    for k in range(n):
+        direct.pipe_file(f"outage-in/coll/p{k:02d}.png",
+                         images.png(images.crop(16, 16, "astronaut", top=20 + 9 * k, left=100 + 7 * k)))
+    outage = {}
+
+    def cut_when_first_output_appears():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if any(p.endswith(".png") for p in direct.find("outage-out/res")):
+                s3_proxy.down()
+                outage["start"] = time.monotonic()
+                outage["written_before"] = len([p for p in direct.find("outage-out/res") if p.endswith(".png")])
+                time.sleep(40)
+                s3_proxy.up()
+                outage["end"] = time.monotonic()
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=cut_when_first_output_appears, daemon=True)
+    watcher.start()
+    state, manifest = run_flow(input_uri="s3://outage-in/coll", output_uri="s3://outage-out/res",
+                               prior=tiny_prior_path, task="sr", options={"factor": 2}, steps=20, shard_patches=2)
+    finished = time.monotonic()
+    watcher.join(timeout=60)
+    assert outage.get("end"), "the outage never happened"
+    assert outage["written_before"] < n  # it struck mid-run
+    assert finished > outage["end"]  # the run outlived it
+    assert state.is_completed(), state.message
+    rows = list(read_rows(manifest).values())
+    assert len(rows) == n and {r["status"] for r in rows} == {"ok"}
+    assert len([p for p in direct.find("outage-out/res") if p.endswith(".png") and CONTACT not in p]) == n
