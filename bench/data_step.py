@@ -70,6 +70,7 @@ def _value(text: str):
 
 
 def run(args) -> list[dict]:
+    """Every row, each also appended to --out as soon as it is measured (long runs keep their rows)."""
     prior = load_prior(args.prior)
     crops = [load_crop(c) for c in args.crops]
     rows = []
@@ -78,18 +79,27 @@ def run(args) -> list[dict]:
         base = {"image": name, "task": task, "sigma_y": args.sigma_y, "prior_id": prior.prior_id}
         if args.baselines:
             for method, baseline in BASELINES[task].items():
+                t0 = time.perf_counter()
                 image = quantise(baseline.fn(case))
-                rows.append(_row(base, method, image, case, 0.0, {}))
+                rows.append(_row(base, method, image, case, time.perf_counter() - t0, {}))
+                _emit(rows[-1], args.out)
         for options in parse_grid(args.grid):
             guidance = dataclasses.replace(default_guidance(task), **options)
             t0 = time.perf_counter()
             result = restore(case.y, task, prior, operator=case.op, steps=args.steps, seed=args.seed,
-                             guidance=guidance, samples=args.samples)
+                             guidance=guidance, samples=args.samples, stride=args.stride)
             rows.append(_row(base, "gdp", quantise(result.image), case, time.perf_counter() - t0,
-                             {**options, "steps": args.steps, "samples": args.samples,
+                             {**options, "steps": args.steps, "samples": args.samples, "stride": args.stride,
                               "nfe": result.nfe}))
-            print(json.dumps(rows[-1]), file=sys.stderr)
+            _emit(rows[-1], args.out)
     return rows
+
+
+def _emit(row: dict, out: str | None) -> None:
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def _row(base: dict, method: str, image: torch.Tensor, case, seconds: float, options: dict) -> dict:
@@ -108,18 +118,15 @@ def main(argv=None) -> None:
     p.add_argument("--sigma-y", type=float, default=0.0, help="observation noise added by the protocol")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=1, help="posterior samples averaged per image")
+    p.add_argument("--stride", type=int, help="window stride of fused tiling (default 3/4 of the patch)")
     p.add_argument("--noise-seed", type=int, default=0)
     p.add_argument("--prior", default="default")
     p.add_argument("--no-baselines", dest="baselines", action="store_false")
     p.add_argument("--out", help="append the rows as JSON lines to this file")
     args = p.parse_args(argv)
     rows = run(args)
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
+    if not args.out:
+        sys.stdout.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":

@@ -338,3 +338,21 @@ def test_restore_data_step_option_reaches_the_sampler(capsys, tmp_path, photo_pn
     assert (info["data_step"], info["sigma_y"]) == (expected, 0.0)
     # (a random-weight prior: its x0_hat is far off, and the clip to [0, 1] limits both)
     assert info["consistency_psnr"] > (22 if expected == "gradient" else 26)
+
+
+def test_restore_warns_when_a_solved_data_step_meets_a_noisy_observation(capsys, tmp_path, photo_png,
+                                                                         tiny_prior_file):
+    clean, noisy = tmp_path / "clean.png", tmp_path / "noisy.png"
+    assert run(capsys, "degrade", photo_png, clean, "--task", "deblur")[0] == 0
+    assert run(capsys, "degrade", photo_png, noisy, "--task", "deblur", "--noise", "0.05")[0] == 0
+    cases = ((noisy, [], True), (clean, [], False), (noisy, ["--sigma-y", "0.05"], False),
+             (noisy, ["--data-step", "gradient"], False))
+    for k, (obs, extra, warned) in enumerate(cases):
+        code, _, err = run(capsys, "restore", obs, tmp_path / f"out{k}.png", "--task", "deblur", "--prior",
+                           tiny_prior_file, "--steps", "1", "--device", "cpu", *extra)
+        assert code == 0, err
+        line = [ln for ln in err.splitlines() if "looks noisy" in ln]
+        assert bool(line) == warned, (obs, extra, err)
+        if warned:  # the estimate is close to the true 0.05 and says what to pass
+            sigma = float(line[0].split("about ")[1].split()[0])
+            assert 0.04 <= sigma <= 0.06 and f"--sigma-y {sigma:.3f}" in line[0]

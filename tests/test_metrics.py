@@ -101,3 +101,15 @@ def test_consistency_psnr():
     x_hat = _blurred(x)
     torch.testing.assert_close(consistency_psnr(op, x_hat, y), psnr(op.A(x_hat), y))
     assert torch.isinf(consistency_psnr(op, x, op.A(x))).all()
+
+
+def test_noise_sigma_reads_white_noise_and_little_of_the_picture():
+    from gdp.metrics import noise_sigma
+    from gdp.operators import degrade, make_operator
+    x = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
+    blur = make_operator("deblur")
+    for sigma in (0.01, 0.02, 0.05):
+        y = degrade(x, blur, noise_sigma=sigma, generator=torch.Generator().manual_seed(0))
+        assert abs(float(noise_sigma(y)[0]) - sigma) < 0.15 * sigma + 0.003
+    assert float(noise_sigma(degrade(x, blur))[0]) < 0.003  # blurred and quantised: no noise read
+    assert float(noise_sigma(degrade(x, make_operator("sr", factor=4)))[0]) < 0.015  # below the CLI's NOISY
