@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import logging
 import os
 import subprocess
@@ -321,13 +322,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from flows.train_prior import train_prior
         cfg = train_config(args, args.data_uri, args.output_uri)
-        print(train_prior(data_uri=cfg.data_uri, output_uri=cfg.out_uri, preset=cfg.preset, crop=cfg.crop,
-                          steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                          checkpoint_every=cfg.checkpoint_every, schedule=cfg.schedule,
-                          learn_sigma=cfg.learn_sigma, exclude=list(cfg.exclude),
-                          max_minutes=args.max_minutes, init_from=cfg.init_from, device=cfg.device, seed=cfg.seed))
+        print(train_prior(**train_parameters(args)))
         return 0
     return 2
+
+
+def train_parameters(args: argparse.Namespace) -> dict:
+    """The train-prior flow's parameters from the parsed `train` options: every flow parameter is
+    read off the library's TrainConfig by name (so a CLI option cannot silently stay at the flow's
+    default, as --gray-weight once did)."""
+    import dataclasses
+    from flows.train_prior import train_prior
+    cfg = dataclasses.asdict(train_config(args, args.data_uri, args.output_uri))
+    cfg.update(output_uri=cfg.pop("out_uri"), exclude=list(cfg["exclude"]), max_minutes=args.max_minutes)
+    return {name: cfg[name] for name in inspect.signature(train_prior.fn).parameters}
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def train_prior(
     init_from: str | None = None,
     device: str = "auto",
     seed: int = 0,
+    precision: Literal["auto", "fp32", "bf16"] = "auto",
 ) -> str:
     """Train; returns the URI of the EMA prior (`prior.safetensors`), usable as `--prior`."""
     logger = get_run_logger()
@@ -40,7 +41,7 @@ def train_prior(
                       batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, schedule=schedule,
                       learn_sigma=learn_sigma, exclude=tuple(exclude), device=device, seed=seed,
                       max_seconds=max_minutes * 60 if max_minutes else None, init_from=init_from,
-                      gray_weight=gray_weight)
+                      gray_weight=gray_weight, precision=precision)
     artifact = create_progress_artifact(progress=0.0, description=f"training {preset} on {data_uri}")
 
     def progress(p) -> None:

@@ -157,3 +157,24 @@ def test_data_step_options_reach_the_flow_and_its_settings():
     assert col._guidance(col.Settings(task="sr")).data_step == default_guidance("sr").data_step == "project"
     with pytest.raises(ValueError, match="sigma-y"):  # the CLI's UsageError: one line, exit 2
         build_parser().parse_args(["restore", "in", "out", "--task", "sr", "--sigma-y", "2"])
+
+
+def test_every_train_option_reaches_the_train_flow():
+    """--gray-weight used to stay at the flow's 1.0; every parameter of train-prior is now read off
+    the parsed options (TrainConfig), so each CLI value below must arrive as given."""
+    import inspect
+
+    from flows.__main__ import train_parameters
+    from flows.train_prior import train_prior
+
+    given = {"--preset": "adm-tiny-32", "--crop": "32", "--steps": "7", "--batch-size": "3", "--lr": "0.001",
+             "--checkpoint-every": "5", "--schedule": "cosine", "--exclude": "a.png", "--gray-weight": "0.2",
+             "--max-minutes": "4", "--init": "old.safetensors", "--device": "cpu", "--seed": "9",
+             "--precision": "fp32"}
+    argv = ["train", "data", "out", "--fixed-sigma"] + [v for kv in given.items() for v in kv]
+    p = train_parameters(build_parser().parse_args(argv))
+    assert set(p) == set(inspect.signature(train_prior.fn).parameters)
+    assert p == {"data_uri": "data", "output_uri": "out", "preset": "adm-tiny-32", "crop": 32, "steps": 7,
+                 "batch_size": 3, "lr": 0.001, "checkpoint_every": 5, "schedule": "cosine", "learn_sigma": False,
+                 "exclude": ["a.png"], "gray_weight": 0.2, "max_minutes": 4.0, "init_from": "old.safetensors",
+                 "device": "cpu", "seed": 9, "precision": "fp32"}
