@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*; touch $@
 
 test: setup
+	$(PY) -m ruff check gdp flows tests bench deployments
 	$(PY) -m pytest -q
 
 demo: setup

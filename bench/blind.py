@@ -102,7 +102,7 @@ def main() -> None:
     out = {"date": time.strftime("%Y-%m-%d"), "steps": args.steps, "prior": prior.prior_id,
            "images": [Path(f).name for f in args.images], "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"\n| task | GDP (mean PSNR) | best baseline (mean over images of the per-image best) | margin |")
+    print("\n| task | GDP (mean PSNR) | best baseline (mean over images of the per-image best) | margin |")
     print("|---|---|---|---|")
     for task in args.tasks:
         rs = [r for r in rows if r["task"] == task]

@@ -321,7 +321,6 @@ def _run(args: argparse.Namespace) -> int:
         return run_evaluate(args)
     if args.command == "train":
         from flows.train_prior import train_prior
-        cfg = train_config(args, args.data_uri, args.output_uri)
         print(train_prior(**train_parameters(args)))
         return 0
     return 2

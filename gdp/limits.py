@@ -9,7 +9,6 @@ the model and its measurements.
 
 from __future__ import annotations
 
-import os
 import resource
 
 from gdp.io import ImageError
