@@ -72,6 +72,8 @@ def _value(text: str):
 def run(args) -> list[dict]:
     """Every row, each also appended to --out as soon as it is measured (long runs keep their rows)."""
     prior = load_prior(args.prior)
+    if args.precision != "fp32":
+        prior.set_precision(args.precision, channels_last=True)
     crops = [load_crop(c) for c in args.crops]
     rows = []
     for (name, x), task in itertools.product(crops, args.tasks):
@@ -90,6 +92,7 @@ def run(args) -> list[dict]:
                              guidance=guidance, samples=args.samples, stride=args.stride)
             rows.append(_row(base, "gdp", quantise(result.image), case, time.perf_counter() - t0,
                              {**options, "steps": args.steps, "samples": args.samples, "stride": args.stride,
+                              "precision": args.precision,
                               "nfe": result.nfe}))
             _emit(rows[-1], args.out)
     return rows
@@ -118,6 +121,7 @@ def main(argv=None) -> None:
     p.add_argument("--sigma-y", type=float, default=0.0, help="observation noise added by the protocol")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=1, help="posterior samples averaged per image")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the network's autocast")
     p.add_argument("--stride", type=int, help="window stride of fused tiling (default 3/4 of the patch)")
     p.add_argument("--noise-seed", type=int, default=0)
     p.add_argument("--prior", default="default")

@@ -107,7 +107,7 @@ def restore_parameters(args: argparse.Namespace) -> dict:
     return {"input_uri": args.input_uri, "output_uri": args.output_uri, "task": task, "options": options,
             "prior": args.prior, "preset": args.preset, "steps": args.steps, "seed": args.seed,
             "guidance": args.guidance, "scale": args.scale, "data_step": args.data_step, "sigma_y": args.sigma_y,
-            "cg_iters": args.cg_iters, "samples": args.samples, "pattern": args.pattern,
+            "cg_iters": args.cg_iters, "precision": args.precision, "samples": args.samples, "pattern": args.pattern,
             "tiling": {"mode": args.tiling, "patch": args.patch, "stride": args.stride, "blend": args.blend},
             "batch_size": args.batch_size, "devices": args.devices, "reference_uri": args.reference_uri,
             "max_images": args.max_images, "overwrite": args.overwrite, "shards": args.shards,

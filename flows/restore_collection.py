@@ -169,6 +169,9 @@ def restore_collection(
     cg_iters: Annotated[int | None, Field(ge=1, le=1000, description="CG iterations per step (default 40)")] = None,
     samples: Annotated[int, Field(ge=1)] = 1,
     pattern: str = "**/*",
+    precision: Annotated[Literal["auto", "fp32", "bf16"],
+                         Field(description="the network's: fp32, bf16, or auto = bf16 on CUDA and CPUs with "
+                                           "native bf16 (faster; results then depend slightly on the batch)")] = "fp32",
     tiling: TilingOptions = TilingOptions(),
     batch_size: Annotated[int, Field(ge=1)] = 8,
     devices: list[str] = ["auto"],
@@ -309,7 +312,8 @@ def _prepare(p: dict) -> _Run:
     settings = col.Settings(task=p["task"], options=_operator_options(p["task"], options), prior=p["prior"],
                             preset=p["preset"], steps=p["steps"], seed=p["seed"], guidance=p["guidance"],
                             scale=p["scale"], data_step=p["data_step"], sigma_y=p["sigma_y"],
-                            cg_iters=p["cg_iters"], samples=p["samples"], tiling=tiling.mode, patch=tiling.patch,
+                            cg_iters=p["cg_iters"], precision=p["precision"], samples=p["samples"],
+                            tiling=tiling.mode, patch=tiling.patch,
                             stride=tiling.stride, blend=tiling.blend, batch_size=p["batch_size"], mask=options.mask,
                             storage_options=_storage_options(p["storage_block"]),
                             retry_seconds=p["storage_retry_seconds"], max_output_megapixels=p["max_output_megapixels"])

@@ -56,6 +56,7 @@ class Settings:
     data_step: str = "auto"  # gdp.restore.default_guidance: the measured data step per task
     sigma_y: float = 0.0
     cg_iters: int | None = None
+    precision: str = "fp32"  # the network's (auto: bf16 where the hardware has it, gdp.prior.denoiser)
     samples: int = 1
     tiling: str = "auto"
     patch: int | None = None
@@ -70,7 +71,7 @@ class Settings:
 
     def result_config(self, prior_id: str) -> dict:
         keys = ("task", "options", "steps", "seed", "guidance", "scale", "data_step", "sigma_y", "cg_iters",
-                "samples", "tiling", "patch", "stride", "blend", "mask")
+                "precision", "samples", "tiling", "patch", "stride", "blend", "mask")
         return {"gdp": __version__, "prior_id": prior_id, **{k: getattr(self, k) for k in keys}}
 
     def config_hash(self, prior_id: str) -> str:
@@ -669,15 +670,18 @@ def device_lock(device: str) -> threading.Lock:
 
 
 @lru_cache(maxsize=4)
-def _cached_prior(source: str, preset: str | None, device: str):
+def _cached_prior(source: str, preset: str | None, device: str, precision: str):
     from gdp.prior.checkpoint import load_prior
-    return load_prior(source, preset=preset, device=device)
+    from gdp.prior.denoiser import resolve_precision
+    prior = load_prior(source, preset=preset, device=device)
+    chosen = resolve_precision(precision, device)
+    return prior.set_precision(chosen, channels_last=chosen != "fp32")
 
 
-def cached_prior(source: str, preset: str | None, device: str):
-    """The prior, loaded once per worker process and device."""
+def cached_prior(source: str, preset: str | None, device: str, precision: str = "fp32"):
+    """The prior, loaded once per worker process, device and precision (auto: bf16 where native)."""
     with _PRIOR_LOCK:
-        return _cached_prior(source, preset, device)
+        return _cached_prior(source, preset, device, precision)
 
 
 def prior_loads() -> int:
@@ -717,7 +721,7 @@ def restore_shard(jobs: list[ImageJob], settings: Settings, work_root: str, devi
     others get `retry=True` results, which the orchestrator restores again in a new shard.
     """
     device = resolve_device(device)
-    prior = cached_prior(settings.prior, settings.preset, device)
+    prior = cached_prior(settings.prior, settings.preset, device, settings.precision)
     results = []
     with device_lock(device):
         for k, job in enumerate(jobs):
@@ -819,7 +823,7 @@ def coarse_pass(job: ImageJob, settings: Settings, work_root: str, device: str =
     """The global pass of one hierarchical image: (work URI of the coarse result, NFE, seconds)."""
     from gdp.hierarchical import global_pass
     device = resolve_device(device)
-    prior = cached_prior(settings.prior, settings.preset, device)
+    prior = cached_prior(settings.prior, settings.preset, device, settings.precision)
     _, op, y, _ = _observation(job, settings)
     plan = _hierarchical_plan(job, settings, prior.image_size, op)
     with device_lock(device):
@@ -896,7 +900,7 @@ def restore_window_batches(batches: list[WindowBatch], settings: Settings, work_
     (relpath, work URI, NFE, seconds) per batch."""
     from gdp.hierarchical import restore_windows
     device = resolve_device(device)
-    prior = cached_prior(settings.prior, settings.preset, device)
+    prior = cached_prior(settings.prior, settings.preset, device, settings.precision)
     out = []
     for batch in batches:
         job = batch.job

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from gdp.prior.checkpoint import PriorSpec, build_prior, resolve_device, save_prior
+from gdp.prior.denoiser import resolve_precision
 from gdp.prior.schedule import Schedule, make_betas
 from gdp.prior.unet import PRESETS, UNet
 
@@ -244,9 +245,7 @@ def training_bf16(precision: str, device: torch.device) -> bool:
     (AVX512-BF16 / AMX: 1.7-2x faster per training step on this project's CPU, docs/PRIOR.md)."""
     if precision not in ("auto", "fp32", "bf16"):
         raise DataError(f"unknown precision {precision!r}: use auto, fp32 or bf16")
-    if precision != "auto":
-        return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return resolve_precision(precision, device) == "bf16"
 
 
 def train(cfg: TrainConfig, *, progress: Callable[[TrainProgress], None] | None = None,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from gdp.cli import EXIT_BAD_INPUT, main
@@ -334,8 +335,12 @@ def test_restore_data_step_option_reaches_the_sampler(capsys, tmp_path, photo_pn
     assert run(capsys, "degrade", photo_png, obs, "--task", "deblur")[0] == 0
     code, info, err = run(capsys, "restore", obs, tmp_path / "out.png", "--task", "deblur", "--prior",
                           tiny_prior_file, *FAST, *data_step, "--cg-iters", "5")
+    code_auto, auto, _ = run(capsys, "restore", obs, tmp_path / "auto.png", "--task", "deblur", "--prior",
+                             tiny_prior_file, *FAST, "--steps", "1", "--precision", "auto")
+    assert code_auto == 0 and auto["precision"] == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
     assert code == 0, err
     assert (info["data_step"], info["sigma_y"]) == (expected, 0.0)
+    assert info["precision"] == "fp32"  # the default
     # (a random-weight prior: its x0_hat is far off, and the clip to [0, 1] limits both)
     assert info["consistency_psnr"] > (22 if expected == "gradient" else 26)
 

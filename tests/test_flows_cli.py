@@ -145,15 +145,17 @@ def test_data_step_options_reach_the_flow_and_its_settings():
     from gdp.restore import default_guidance
 
     args = build_parser().parse_args(["restore", "in", "out", "--task", "deblur", "--data-step", "cg",
-                                      "--sigma-y", "0.05", "--cg-iters", "7"])
+                                      "--sigma-y", "0.05", "--cg-iters", "7", "--precision", "auto"])
     p = restore_parameters(args)
-    assert (p["data_step"], p["sigma_y"], p["cg_iters"]) == ("cg", 0.05, 7)
-    settings = col.Settings(task="deblur", data_step=p["data_step"], sigma_y=p["sigma_y"], cg_iters=p["cg_iters"])
+    assert (p["data_step"], p["sigma_y"], p["cg_iters"], p["precision"]) == ("cg", 0.05, 7, "auto")
+    settings = col.Settings(task="deblur", data_step=p["data_step"], sigma_y=p["sigma_y"], cg_iters=p["cg_iters"],
+                            precision=p["precision"])
     g = col._guidance(settings)
     assert (g.data_step, g.sigma_y, g.cg_iters) == ("cg", 0.05, 7)
     assert settings.config_hash("p") != col.Settings(task="deblur").config_hash("p")
     defaults = restore_parameters(build_parser().parse_args(["restore", "in", "out", "--task", "sr"]))
-    assert (defaults["data_step"], defaults["sigma_y"], defaults["cg_iters"]) == ("auto", 0.0, None)
+    assert (defaults["data_step"], defaults["sigma_y"], defaults["cg_iters"], defaults["precision"]) == \
+        ("auto", 0.0, None, "fp32")
     assert col._guidance(col.Settings(task="sr")).data_step == default_guidance("sr").data_step == "project"
     with pytest.raises(ValueError, match="sigma-y"):  # the CLI's UsageError: one line, exit 2
         build_parser().parse_args(["restore", "in", "out", "--task", "sr", "--sigma-y", "2"])

@@ -387,3 +387,13 @@ def test_reduced_precision_network_stays_close_to_fp32(tiny_prior, device, preci
     assert 0 < err < 0.05 * ref.eps.abs().max().item()  # changed (it ran in low precision), but close
     with pytest.raises(ValueError, match="precision"):
         prior.set_precision("int8")
+
+
+def test_precision_auto_follows_the_hardware():
+    from gdp.prior.denoiser import resolve_precision
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("fp8", "cpu")
