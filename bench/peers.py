@@ -529,28 +529,37 @@ def _fmt(value) -> str:
     return f"{value:g}" if abs(value) < 1e5 else f"{value:.3g}"
 
 
+def _db(value: float) -> str:
+    return "∞ (exact)" if math.isinf(value) else f"{value:.2f}"
+
+
 def markdown(rows: list[dict]) -> str:
+    """PSNR against NFE per task and method, then every mean with the tuned value."""
     summary = summarise(rows)
-    lines = ["| task | method | tuned | NFE | PSNR dB | SSIM | consistency dB | CPU s/image |",
-             "|---|---|---|---|---|---|---|---|"]
+    nfes = sorted({s["nfe"] for s in summary if s["nfe"]})
+    lines = ["| task | method | " + " | ".join(f"NFE {n}" for n in nfes) + " | tuned (per NFE) |",
+             "|---|---|" + "---|" * len(nfes) + "---|"]
+    for task in TASKS:
+        for method in ALL_METHODS:
+            cells = {s["nfe"]: s for s in summary if s["task"] == task and s["method"] == method}
+            if cells:
+                tuned = " / ".join(_fmt(cells[n]["value"]) if n in cells else "-" for n in nfes)
+                lines.append(f"| {task} | {LABELS[method]} | " + " | ".join(
+                    f"{cells[n]['psnr']:.2f}" if n in cells else "not run" for n in nfes)
+                    + f" | {next(iter(cells.values()))['param']} {tuned} |")
+        for s in summary:
+            if s["task"] == task and s["nfe"] == 0:
+                lines.append(f"| {task} | {s['method']} (no network) | " + " | ".join([f"{s['psnr']:.2f}"] * len(nfes))
+                             + " | - |")
+    lines += ["", "| task | method | tuned | NFE | PSNR dB | SSIM | consistency dB | CPU s/image |",
+              "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         tuned = "-" if s["param"] is None else f"{s['param']} = {_fmt(s['value'])}"
         if s["param"] is not None and s["tuned_at"] != s["nfe"]:
             tuned += f" (NFE {s['tuned_at']}'s)"
         bad = "" if s["finite"] else " (non-finite output)"
         lines.append(f"| {s['task']} | {LABELS.get(s['method'], s['method'])} | {tuned} | {s['nfe'] or '-'} | "
-                     f"{s['psnr']:.2f}{bad} | {s['ssim']:.4f} | {s['consistency_psnr']:.2f} | {s['seconds']:.1f} |")
-    lines += ["", "PSNR (dB, mean of the report crops) against NFE:", ""]
-    nfes = sorted({s["nfe"] for s in summary if s["nfe"]})
-    lines += ["| task | method | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-              "|---|---|" + "---|" * len(nfes)]
-    for task in TASKS:
-        for method in ALL_METHODS:
-            cells = {s["nfe"]: s for s in summary if s["task"] == task and s["method"] == method}
-            if not cells:
-                continue
-            lines.append(f"| {task} | {LABELS[method]} | " + " | ".join(
-                f"{cells[n]['psnr']:.2f}" if n in cells else "not run" for n in nfes) + " |")
+                     f"{s['psnr']:.2f}{bad} | {s['ssim']:.4f} | {_db(s['consistency_psnr'])} | {s['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -558,6 +567,7 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     summary = summarise(rows)
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 3.6))
     styles = {DDRM: ("tab:blue", "o", "-"), DIFFPIR: ("tab:orange", "s", "-"), DPS: ("tab:green", "^", "-"),
@@ -569,13 +579,15 @@ def plot(rows: list[dict], path: str) -> None:
             if pts:
                 colour, marker, line = styles[method]
                 ax.plot(*zip(*pts), color=colour, marker=marker, linestyle=line, label=LABELS[method])
+        ax.set_xscale("log")
+        ax.set_xlim(16, 125)
         for s in summary:
             if s["task"] == task and s["nfe"] == 0:
                 ax.axhline(s["psnr"], color="gray", linestyle=":", linewidth=1)
-                ax.annotate(s["method"], (ax.get_xlim()[0], s["psnr"]), fontsize=7, color="gray",
-                            xytext=(2, 2), textcoords="offset points")
-        ax.set_xscale("log")
+                ax.annotate(f"{s['method']} {s['psnr']:.1f}", (17, s["psnr"]), fontsize=7, color="gray",
+                            xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(NFES, [str(n) for n in NFES])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(TASK_LABELS[task])
         ax.set_xlabel("NFE")
         ax.grid(alpha=0.3)
