@@ -128,11 +128,46 @@ def run_restore(parameters: dict) -> int:
         check_collection(parameters["input_uri"], parameters["output_uri"], parameters.get("pattern", "**/*"))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    state = restore_collection(**parameters, return_state=True)
-    manifest = state.result(raise_on_failure=False)
+    try:
+        state = restore_collection(**parameters, return_state=True)
+    except Exception as e:  # the engine could not record the final state: the API went away mid-run
+        if _api_reachable():
+            raise
+        _exit_without_api(1, f"error: the Prefect API became unreachable during the run ({type(e).__name__}); "
+                             f"its outputs and manifest are under {parameters['output_uri']} "
+                             "(_manifests/run-<flow run id>.parquet); its final state could not be recorded")
+    try:
+        manifest = state.result(raise_on_failure=False)
+    except Exception:  # a run whose final state never reached the API (its server died): no result here
+        manifest = None
     print(f"{state.name}: {state.message}")
     print(f"outputs under {parameters['output_uri']}; manifest {manifest if isinstance(manifest, str) else '(none)'}")
-    return 0 if state.is_completed() else 1
+    code = 0 if state.is_completed() else 1
+    if not _api_reachable():
+        _exit_without_api(code, "the Prefect API is unreachable: this run's outputs and manifest are written; its "
+                                "final state and events could not be recorded")
+    return code
+
+
+def _exit_without_api(code: int, message: str) -> None:
+    """Exit now: at a normal exit Prefect would try to deliver every queued event to the dead API,
+    about 7 s each (minutes for a collection)."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _api_reachable() -> bool:
+    """Whether the Prefect API this process talks to answers its health check (an ephemeral API: yes)."""
+    from prefect.settings import PREFECT_API_URL
+    url = PREFECT_API_URL.value()
+    if not url:
+        return True
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=3) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def project_settings():

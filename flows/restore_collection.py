@@ -13,10 +13,12 @@ tasks go to a Dask cluster. Either way the parent merges the children's rows int
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import posixpath
+import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Callable, Literal
 
 import fsspec
@@ -209,11 +211,13 @@ def restore_collection(
             logger.warning(f"tidied up after runs that died: {recovered}")
         jobs = _plan(uris, run)
         rows, todo = _skip_done(jobs, run)
-        progress = create_progress_artifact(progress=0.0, description=f"{len(jobs)} images")
+        progress = run.api.call(create_progress_artifact, progress=0.0, description=f"{len(jobs)} images")
 
         def record(row: dict) -> None:
             rows.append(row)
-            update_progress_artifact(artifact_id=progress, progress=100.0 * len(rows) / max(len(jobs), 1))
+            if progress:
+                run.api.call(update_progress_artifact, artifact_id=progress,
+                             progress=100.0 * len(rows) / max(len(jobs), 1))
 
         collection = {**to_jsonable_python(parameters), "shards": 1}
         if shards > 1 and todo:
@@ -280,6 +284,41 @@ def _restore_window_ranges(windows: dict[str, list[int]], work_root: str, shard:
 # one run's context, planning, restoring, finishing
 
 
+API_CALL_SECONDS = 15.0  # the longest an artifact call may hold up a run when the Prefect API is gone
+
+
+class _Api:
+    """Prefect API calls that only decorate a run (artifacts): each runs in a thread in this run's
+    context and is waited for at most API_CALL_SECONDS; after one fails or times out, the run makes
+    no more (the API is gone). Outputs, journal and manifest never wait on the API."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def call(self, fn, *args, **kwargs):
+        if self.down:
+            return None
+        box: dict = {}
+        context = contextvars.copy_context()
+
+        def target() -> None:
+            try:
+                box["value"] = context.run(fn, *args, **kwargs)
+            except Exception as e:  # httpx errors, PrefectHTTPStatusError, ...
+                box["error"] = e
+
+        thread = threading.Thread(target=target, name="prefect-api-call", daemon=True)
+        thread.start()
+        thread.join(API_CALL_SECONDS)
+        if thread.is_alive() or "error" in box:
+            self.down = True
+            why = col.one_line(box["error"]) if "error" in box else f"no answer in {API_CALL_SECONDS:.0f} s"
+            get_run_logger().warning(f"the Prefect API is unreachable ({why}): this run's artifacts are skipped; "
+                                     "its outputs and manifest are written as always")
+            return None
+        return box.get("value")
+
+
 @dataclass(frozen=True)
 class _Run:
     """What the steps of one flow run share, built once from its parameters."""
@@ -296,6 +335,7 @@ class _Run:
     shard_patches: int
     max_pixels: int
     overwrite: bool
+    api: _Api = field(default_factory=_Api, compare=False)
 
     @property
     def storage(self) -> dict:
@@ -423,11 +463,16 @@ def _finish(rows: list[dict], run: _Run, folder: str = col.MANIFEST_DIR, keyed: 
     _clean_work_area(run.work_root, run.storage, parent=keyed)
     manifest = write_manifest(rows, run.output_uri, run.run_id, run.storage, folder, run.settings.retry_seconds)
     col.clear_journal(run.output_uri, run.run_id, run.storage, run.settings.retry_seconds)
-    _report(rows, manifest, keyed)
+    _report(rows, manifest, run.api, keyed)
     if keyed:  # the worst and some of the best images, before and after, for a look without opening files
-        sheet = contact_sheet.report(rows, run.output_uri, run.run_id, run.reference_uri, run.storage)
+        try:  # a picture for the UI: its failure must not fail a run whose manifest is written
+            sheet = contact_sheet.report(rows, run.output_uri, run.run_id, run.reference_uri, run.storage)
+        except Exception as e:
+            get_run_logger().warning(f"no contact sheet: {col.one_line(e)}")
+            sheet = None
         if sheet:
-            create_markdown_artifact(key="restore-contact-sheet", markdown=sheet, description="Before/after")
+            run.api.call(create_markdown_artifact, key="restore-contact-sheet", markdown=sheet,
+                         description="Before/after")
     failed = sum(r["status"] == "failed" for r in rows)
     message = f"{len(rows)} images: {len(rows) - failed} ok or skipped, {failed} failed; manifest at {manifest}"
     if lost_lease:
@@ -665,13 +710,14 @@ def _clean_work_area(work_root: str, storage: dict, parent: bool = True) -> None
         fs.rm(folder, recursive=True)
 
 
-def _report(rows: list[dict], manifest: str, keyed: bool = True) -> None:
+def _report(rows: list[dict], manifest: str, api: _Api, keyed: bool = True) -> None:
     """Summary table, manifest link and markdown report; keyed (versioned on the Artifacts page) for
     a collection run, only on the run's page for a child run."""
     summary = col.summarise(rows)
-    create_table_artifact(key="restore-summary" if keyed else None, table=[summary], description="Collection summary")
+    api.call(create_table_artifact, key="restore-summary" if keyed else None, table=[summary],
+             description="Collection summary")
     link = manifest if "://" in manifest else f"file://{manifest}"
-    create_link_artifact(key="restore-manifest" if keyed else None, link=link, link_text="manifest.parquet")
+    api.call(create_link_artifact, key="restore-manifest" if keyed else None, link=link, link_text="manifest.parquet")
     ok = sorted((r for r in rows if r["status"] == "ok" and r["consistency_psnr"] is not None),
                 key=lambda r: r["consistency_psnr"])[:10]
     lines = ["# Restoration report", "",
@@ -684,4 +730,4 @@ def _report(rows: list[dict], manifest: str, keyed: bool = True) -> None:
     if failures:
         lines += ["", "## Failed", "", "| image | error |", "|---|---|"]
         lines += [f"| {r['source_uri']} | {r['error']} |" for r in failures]
-    create_markdown_artifact(key="restore-report" if keyed else None, markdown="\n".join(lines))
+    api.call(create_markdown_artifact, key="restore-report" if keyed else None, markdown="\n".join(lines))

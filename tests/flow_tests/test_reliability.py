@@ -661,3 +661,72 @@ def test_a_40_second_s3_outage_mid_run_is_survived(s3_proxy, moto_endpoint, imag
     rows = list(read_rows(manifest).values())
     assert len(rows) == n and {r["status"] for r in rows} == {"ok"}
     assert len([p for p in direct.find("outage-out/res") if p.endswith(".png") and CONTACT not in p]) == n
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_prefect_server_dying_mid_run_costs_artifacts_only(tmp_path, images, tiny_prior_path):
+    """A real `prefect server start` on loopback, killed (its whole process group, -9) once the first
+    image is journaled: the run still restores every image, writes its manifest and ends within a
+    bounded time (artifact calls give up after 15 s; then only Prefect's own client retries on the
+    final state remain)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    files = write_photos(tmp_path / "in", images, 12)
+    port = free_port()
+    home = tmp_path / "server-home"
+    server_env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                  "PREFECT_API_URL": ""}
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        import urllib.request
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, 180, "the Prefect server", server)
+        out = tmp_path / "out"
+        env = flow_env(tmp_path, f"http://127.0.0.1:{port}/api", "client")
+        run = subprocess.Popen([sys.executable, "-m", "flows", "restore", str(tmp_path / "in"), str(out), "--task",
+                                "sr", "--factor", "2", "--steps", "30", "--prior", tiny_prior_path],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        wait_for(lambda: list((out / "_manifests" / "_journal").glob("run-*/*.parquet")), 240,
+                 "the first journaled image", run)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        killed, killed_at = time.monotonic(), time.time()
+        try:
+            _, stderr = run.communicate(timeout=420)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            raise AssertionError("the run hung after its Prefect server died")
+        seconds = time.monotonic() - killed
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    (manifest,) = (out / "_manifests").glob("run-*.parquet")
+    rows = list(read_rows(str(manifest)).values())
+    assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
+    assert {f for f in local_files(out) if not f.startswith("_manifests/")} == set(files)
+    assert not list((out / "_manifests" / "_journal").glob("run-*/*"))  # merged into the manifest
+    assert "the Prefect API became unreachable during the run" in stderr or \
+        "the Prefect API is unreachable: this run's outputs and manifest are written" in stderr, stderr[-3000:]
+    assert run.returncode in (0, 1)
+    assert seconds < 240, seconds  # the work, 15 s for an artifact call, then the engine's two state proposals
+    print(f"the run ended {seconds:.0f} s after its server died; manifest after "
+          f"{manifest.stat().st_mtime - killed_at:.0f} s")
