@@ -169,11 +169,11 @@ def restore_collection(
                          Field(description="auto: project (sr, inpaint, colorize), cg (deblur), gradient (blind)")] = "auto",
     sigma_y: Annotated[float, Field(ge=0, le=1, description="observation noise std in [0, 1] units")] = 0.0,
     cg_iters: Annotated[int | None, Field(ge=1, le=1000, description="CG iterations per step (default 40)")] = None,
-    samples: Annotated[int, Field(ge=1)] = 1,
-    pattern: str = "**/*",
     precision: Annotated[Literal["auto", "fp32", "bf16"],
                          Field(description="the network's: fp32, bf16, or auto = bf16 on CUDA and CPUs with "
                                            "native bf16 (faster; results then depend slightly on the batch)")] = "fp32",
+    samples: Annotated[int, Field(ge=1)] = 1,
+    pattern: str = "**/*",
     tiling: TilingOptions = TilingOptions(),
     batch_size: Annotated[int, Field(ge=1)] = 8,
     devices: list[str] = ["auto"],
@@ -186,7 +186,9 @@ def restore_collection(
     storage_retry_seconds: Annotated[float, Field(ge=0, description="how long one storage operation is retried "
                                                                    "through an outage (docs/RELIABILITY.md)")] = 120.0,
     overwrite: bool = False,
-    storage_block: Annotated[str | None, Field(description="Prefect JSON block holding fsspec storage options")] = None,
+    storage_block: Annotated[str | None, Field(description="credentials for the storage: a saved Prefect block, "
+                                                           "aws-credentials/NAME, s3-bucket/NAME or secret/NAME "
+                                                           "(flows/storage.py)")] = None,
     shards: Annotated[int, Field(ge=1, le=1024, description="N > 1: N child runs of restore-shard/gpu on the "
                                                            "work pool, each restoring a group of inputs")] = 1,
     task_runner: Annotated[Literal["thread", "dask"], Field(description="dask: restore on a Dask cluster")] = "thread",
@@ -669,11 +671,10 @@ def _operator_options(task: str, options: TaskOptions) -> dict:
     return operator_options(task, **options.model_dump())
 
 
-def _storage_options(block_name: str | None) -> dict:
-    if not block_name:
-        return {}
-    from prefect.blocks.system import JSON
-    return dict(JSON.load(block_name).value)
+def _storage_options(block_ref: str | None) -> dict:
+    """fsspec storage options from a Prefect credentials block (flows/storage.py), {} without one."""
+    from flows.storage import storage_options
+    return storage_options(block_ref)
 
 
 def _skip_done(jobs: list[col.ImageJob], run: _Run) -> tuple[list[dict], list[col.ImageJob]]:

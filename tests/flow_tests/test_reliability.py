@@ -6,6 +6,7 @@ test server, and the tiny random prior. Each test names the promise of docs/RELI
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -730,3 +731,60 @@ def test_the_prefect_server_dying_mid_run_costs_artifacts_only(tmp_path, images,
     assert seconds < 240, seconds  # the work, 15 s for an artifact call, then the engine's two state proposals
     print(f"the run ended {seconds:.0f} s after its server died; manifest after "
           f"{manifest.stat().st_mtime - killed_at:.0f} s")
+
+
+# ------------------------------------------------------------------ 7. credentials through a block
+
+
+@pytest.mark.parametrize("kind", ["aws-credentials", "s3-bucket", "secret"])
+def test_storage_credentials_from_a_prefect_block(kind, s3_env, moto_endpoint, images, tiny_prior_path):
+    """The AWS variables removed from the environment: the run reaches the loopback S3 server only
+    through the block (prefect-aws AwsCredentials with the endpoint in its client parameters, an
+    S3Bucket holding them, or a Secret holding the storage options); the secret appears neither in
+    the run's parameters nor in its logs."""
+    import uuid
+
+    import s3fs
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+    direct = s3fs.S3FileSystem(endpoint_url=moto_endpoint, key="testing", secret="testing",
+                               skip_instance_cache=True, use_listings_cache=False)
+    for bucket in ("block-in", "block-out"):
+        if not direct.exists(bucket):
+            direct.mkdir(bucket)
+    direct.pipe_file("block-in/coll/a.png", images.png(images.crop(16, 16)))
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    name = f"moto-{kind}-{uuid.uuid4().hex[:8]}"
+    credentials = AwsCredentials(aws_access_key_id="testing", aws_secret_access_key=secret, region_name="us-east-1",
+                                 aws_client_parameters=AwsClientParameters(endpoint_url=moto_endpoint))
+    if kind == "aws-credentials":
+        credentials.save(name)
+    elif kind == "s3-bucket":
+        S3Bucket(bucket_name="block-out", credentials=credentials).save(name)
+    else:
+        Secret(value={"key": "testing", "secret": secret, "endpoint_url": moto_endpoint}).save(name)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+            mp.delenv(var, raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()
+        state, manifest = run_flow(input_uri="s3://block-in/coll", output_uri=f"s3://block-out/{kind}",
+                                   storage_block=f"{kind}/{name}", prior=tiny_prior_path, **TINY)
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert state.is_completed(), state.message
+    assert direct.exists(f"block-out/{kind}/a.png")
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+    assert flow_run.parameters["storage_block"] == f"{kind}/{name}"
+    assert secret not in json.dumps(flow_run.parameters) and all(secret not in log.message for log in logs)
+
+
+def test_a_storage_block_that_does_not_exist_is_one_line():
+    from flows.storage import storage_options
+    with pytest.raises(ValueError, match="no aws-credentials block named 'nope'"):
+        storage_options("aws-credentials/nope")
+    with pytest.raises(ValueError, match="name a saved block as TYPE/NAME"):
+        storage_options("my-json-block")
