@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import os
 import posixpath
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -711,6 +712,16 @@ def _clean_work_area(work_root: str, storage: dict, parent: bool = True) -> None
         fs.rm(folder, recursive=True)
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]{}|~#!])")
+
+
+def _md(text: str) -> str:
+    """Text from the outside world (object names, error messages) as literal markdown inside a table
+    cell: one line, HTML escaped, markdown's special characters (the cell's `|` included) backslashed."""
+    text = " ".join(str(text).split()).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
 def _report(rows: list[dict], manifest: str, api: _Api, keyed: bool = True) -> None:
     """Summary table, manifest link and markdown report; keyed (versioned on the Artifacts page) for
     a collection run, only on the run's page for a child run."""
@@ -725,10 +736,10 @@ def _report(rows: list[dict], manifest: str, api: _Api, keyed: bool = True) -> N
              f"{summary['ok']} ok, {summary['skipped']} skipped, {summary['failed']} failed of {summary['images']}.",
              "", "## Worst images by consistency (PSNR of D(x) against y)", "",
              "| image | consistency dB | PSNR dB | seconds |", "|---|---|---|---|"]
-    lines += [f"| {r['source_uri']} | {r['consistency_psnr']:.2f} | "
+    lines += [f"| {_md(r['source_uri'])} | {r['consistency_psnr']:.2f} | "
               f"{'' if r['psnr'] is None else format(r['psnr'], '.2f')} | {r['seconds']:.1f} |" for r in ok]
     failures = [r for r in rows if r["status"] == "failed"]
     if failures:
         lines += ["", "## Failed", "", "| image | error |", "|---|---|"]
-        lines += [f"| {r['source_uri']} | {r['error']} |" for r in failures]
+        lines += [f"| {_md(r['source_uri'])} | {_md(r['error'])} |" for r in failures]
     api.call(create_markdown_artifact, key="restore-report" if keyed else None, markdown="\n".join(lines))

@@ -758,7 +758,8 @@ def _write_atomic(uri: str, data: bytes, storage_options: dict[str, Any]) -> Non
         return
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+    # hidden, and as short whatever the target's name (a 250-character name stays legal); 37 characters
+    temporary = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
     try:
         with open(temporary, "xb") as f:
             f.write(data)

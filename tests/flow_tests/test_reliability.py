@@ -788,3 +788,52 @@ def test_a_storage_block_that_does_not_exist_is_one_line():
         storage_options("aws-credentials/nope")
     with pytest.raises(ValueError, match="name a saved block as TYPE/NAME"):
         storage_options("my-json-block")
+
+
+# ------------------------------------------------------------------------------ 8. names
+
+
+def test_longest_legal_names_are_restored(tmp_path, images, tiny_prior_path):
+    """250- and 255-byte file names (the longest a Linux folder holds): the temporary name of the
+    atomic write no longer grows with the target's."""
+    names = ["a" * 246 + ".png", "b" * 251 + ".png"]
+    for name in names:
+        images.write(tmp_path / "in" / name, images.png(images.crop(16, 16)))
+    state, manifest = run_flow(input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"),
+                               prior=tiny_prior_path, **TINY)
+    assert state.is_completed(), state.message
+    assert {r["status"] for r in read_rows(manifest).values()} == {"ok"}
+    assert {f for f in local_files(tmp_path / "out") if not f.startswith("_manifests/")} == set(names)
+    assert [len(n) for n in names] == [250, 255]
+
+
+def test_object_names_are_escaped_in_the_markdown_report(tmp_path, images, tiny_prior_path):
+    """Names with markdown and HTML in them (legal on S3 and on Linux) stay literal text in one cell
+    of the run's report: the table keeps its columns, no link, no HTML."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    evil = ["a|b <script>alert(1)</script>.png", "[x](javascript:alert(1)) `code` *b*.png"]
+    for name in evil:
+        images.write(tmp_path / "in" / name, os.urandom(64))  # failed rows: name and error in the table
+    images.write(tmp_path / "in" / "c|d_e.png", images.png(images.crop(16, 16)))  # an ok row
+    state, manifest = run_flow(input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"),
+                               prior=tiny_prior_path, **TINY)
+    assert state.is_failed()
+    import time
+    with get_client(sync_client=True) as client:
+        for _ in range(50):  # the server records artifacts a little after the run
+            (report,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["restore-report"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))) or [None]
+            if report:
+                break
+            time.sleep(0.2)
+    markdown = report.data
+    assert "<script>" not in markdown and "](javascript" not in markdown.replace("\\](javascript", "")
+    import re
+    rows = [line for line in markdown.splitlines() if line.startswith("| /")]
+    assert len(rows) == 3  # 2 failed, 1 ok
+    failed = [line for line in rows if "not an image" in line]  # unescaped pipes: the cell borders only
+    assert len(failed) == 2 and all(len(re.findall(r"(?<!\\)\|", line)) == 3 for line in failed)
+    ok = [line for line in rows if line not in failed]
+    assert len(ok) == 1 and len(re.findall(r"(?<!\\)\|", ok[0])) == 5 and r"c\|d\_e.png" in ok[0]
