@@ -1,6 +1,7 @@
 """Train the default prior on a GPU session's device machine for a fixed wall time.
 
     PYTHONPATH=. python3 bench/gpu_train_prior.py --seconds 480 --out "$OUT" [--init gdp/assets/default_prior.safetensors]
+        [--data runs/prior-data]   # e.g. built here by `gdp data build runs/prior-data`, carried to the device
 
 Exports what a device session can bring back (files of at most 16 MiB): the EMA weights as two
 fp32 safetensors shards with the prior spec in their metadata, the raw (non-EMA) weights in fp16,
@@ -66,9 +67,11 @@ def main() -> None:
     ap.add_argument("--gray-weight", type=float, default=1.0)
     ap.add_argument("--light", action="store_true", help="export only ema-fp16.safetensors and history.json")
     ap.add_argument("--run-dir", default="/tmp/prior-run")
+    ap.add_argument("--data", default=DATA, help="training images, or a set built by `gdp data build` (its train/ "
+                    "only; 56 MB for the full Debian set: fits a device session's 64 MiB carry)")
     args = ap.parse_args()
     run_dir = Path(args.run_dir)
-    cfg = TrainConfig(data_uri=DATA, out_uri=str(run_dir), preset=args.preset, crop=args.crop,
+    cfg = TrainConfig(data_uri=args.data, out_uri=str(run_dir), preset=args.preset, crop=args.crop,
                       batch_size=args.batch_size, lr=args.lr, steps=10**7, checkpoint_every=2000,
                       ema_decay=0.9995, max_seconds=args.seconds, init_from=args.init,
                       exclude=("astronaut.png", "coffee.png"), gray_weight=args.gray_weight)
