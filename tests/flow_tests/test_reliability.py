@@ -837,3 +837,26 @@ def test_object_names_are_escaped_in_the_markdown_report(tmp_path, images, tiny_
     assert len(failed) == 2 and all(len(re.findall(r"(?<!\\)\|", line)) == 3 for line in failed)
     ok = [line for line in rows if line not in failed]
     assert len(ok) == 1 and len(re.findall(r"(?<!\\)\|", ok[0])) == 5 and r"c\|d\_e.png" in ok[0]
+
+
+def test_recover_on_s3(s3_env):
+    """recover() on the loopback S3 server: a dead run's journal becomes its manifest, its work
+    prefix and a temporary object in _manifests go; this run's own work prefix stays."""
+    fs = s3fs_fresh()
+    if not fs.exists("recover-bucket"):
+        fs.mkdir("recover-bucket")
+    out = "s3://recover-bucket/out"
+    settings = col.Settings()
+    for sha in ("a", "b"):
+        job = col.ImageJob(f"s3://in/{sha}.png", f"{sha}.png", f"{out}/{sha}.png", 8, 8, 1, sha)
+        col.journal_row({**col.manifest_row(job, settings, "prior", "cfg", "dead"), "status": "ok",
+                         "output_sha256": f"o-{sha}"}, out, "dead")
+    fs.pipe_file("recover-bucket/out/_work/dead/x.safetensors", b"x")
+    fs.pipe_file("recover-bucket/out/_work/mine/y.safetensors", b"y")
+    fs.pipe_file("recover-bucket/out/_manifests/run-z.parquet.tmp", b"")
+    counts = col.recover(out, "mine")
+    assert counts == {"journals_merged": 1, "rows_merged": 2, "work_folders_removed": 1, "temporary_files_removed": 1}
+    assert sorted(s3_files(fs, "recover-bucket/out")) == ["recover-bucket/out/_manifests/run-dead.parquet",
+                                                          "recover-bucket/out/_work/mine/y.safetensors"]
+    assert sorted(r["content_sha256"] for r in col.read_manifest(f"{out}/_manifests/run-dead.parquet")) == ["a", "b"]
+    assert set(col.previous_successes(out)) == {(f"{out}/a.png", "a", "cfg"), (f"{out}/b.png", "b", "cfg")}
