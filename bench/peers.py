@@ -19,12 +19,14 @@ Pieces (each tested in tests/test_peers.py):
   factorisation is checked exact), so every method sees the same observation of the same operator;
   inpainting uses deepinv's own `Inpainting` with our mask. `physics_checks` compares them, and
   deepinv's `Downsampling`, `Blur` and `BlurFFT`, with our A on the observed images.
-- the runner: tune each method's main hyperparameter on the tuning crops (4 values each, the
-  best mean PSNR per task and NFE), then run the report crops; rows to docs/data/peers.jsonl,
-  `report` writes the markdown table and the plot of PSNR against NFE.
+- the runner: tune each method's main hyperparameter on the tuning crops (5 values each, one
+  edge rule for all, see `tuning`; the best mean PSNR per task at NFE 20 and 50, NFE 100 reusing
+  50's), then run the report crops; rows to a JSON-lines file (resumable: rows already there are
+  skipped). `report` prints the markdown tables and draws the plot of PSNR against NFE.
 
-    OMP_NUM_THREADS=1 python bench/peers.py run --out docs/data/peers.jsonl
-    python bench/peers.py report docs/data/peers.jsonl --plot docs/img/peers_nfe.png
+    OMP_NUM_THREADS=1 python bench/peers.py run --out a.jsonl --methods ddrm diffpir gdp-gradient gdp-cg gdp-project
+    OMP_NUM_THREADS=1 python bench/peers.py run --out b.jsonl --methods dps pigdm --no-baselines
+    python bench/peers.py report a.jsonl b.jsonl --plot docs/img/peers_nfe.png
 """
 
 from __future__ import annotations
@@ -314,12 +316,20 @@ def run_peer(name: str, value: float, denoiser: PriorDenoiser, physics, y: torch
     raise ValueError(f"unknown peer {name!r}")
 
 
+# The solved steps' settings, pinned (the project's defaults of 2026-12-01, gdp.guidance.SOLVED_DEFAULTS):
+# a later change of the defaults cannot leak into half of a run. Every row records its guidance.
+SOLVED = {"cg_iters": 40, "zeta": 1.0, "sigma_y": 0.0}
+
+
 def our_guidance(name: str, task: str, value: float) -> Guidance:
-    """The project's guidance for `task` with data step OURS[name] and its hyperparameter `value`."""
+    """The project's guidance for `task` with data step OURS[name] and its hyperparameter `value`:
+    the default scale and rules of `default_guidance`, the solved steps' settings of SOLVED."""
     from gdp.restore import default_guidance
     step = OURS[name]
-    base = dataclasses.replace(default_guidance(task), data_step=step)
-    return dataclasses.replace(base, scale=value) if step == "gradient" else dataclasses.replace(base, prox=value)
+    base = dataclasses.replace(default_guidance(task, data_step="gradient"), data_step=step)
+    if step == "gradient":
+        return dataclasses.replace(base, scale=value)
+    return dataclasses.replace(base, prox=value, **SOLVED)
 
 
 # -------------------------------------------------------------------------------- the runner
@@ -361,9 +371,11 @@ def run_case(method: Method, value: float, task: str, case, physics, prior, deno
     from gdp.metrics import consistency_psnr, psnr, ssim
     from gdp.restore import restore
     wall, cpu = time.perf_counter(), time.process_time()
+    extra = {}
     if method.name in OURS:
-        result = restore(case.y, task, prior, operator=case.op, steps=nfe, seed=SEED,
-                         guidance=our_guidance(method.name, task, value))
+        guidance = our_guidance(method.name, task, value)
+        extra["guidance"] = dataclasses.asdict(guidance)
+        result = restore(case.y, task, prior, operator=case.op, steps=nfe, seed=SEED, guidance=guidance)
         image, counted = result.image, result.nfe
     else:
         before = denoiser.calls
@@ -375,7 +387,8 @@ def run_case(method: Method, value: float, task: str, case, physics, prior, deno
     image = torch.nan_to_num(image, nan=0.0)
     return {"psnr": round(float(psnr(image, case.reference)[0]), 3), "ssim": round(float(ssim(image, case.reference)[0]), 4),
             "consistency_psnr": round(float(consistency_psnr(case.op, image, case.y)[0]), 2),
-            "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "nfe_counted": counted, "finite": finite}
+            "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "nfe_counted": counted, "finite": finite,
+            **extra}
 
 
 def _key(row: dict) -> tuple:

@@ -213,3 +213,11 @@ def test_the_report_averages_the_report_crops_only():
     assert summary["psnr"] == 21.0 and summary["crops"] == 2 and summary["seconds"] == 1.0
     text = peers.markdown(rows)
     assert "| sr | DDRM (deepinv) | eta = 0.5 | 20 | 21.00 | 0.5000 | 40.00 | 1.0 |" in text
+
+
+def test_our_guidance_pins_the_solved_settings_whatever_the_defaults():
+    cg = peers.our_guidance("gdp-cg", "deblur", 3.0)
+    assert (cg.data_step, cg.prox, cg.cg_iters, cg.zeta, cg.sigma_y) == ("cg", 3.0, 40, 1.0, 0.0)
+    grad = peers.our_guidance("gdp-gradient", "sr", 4800.0)
+    assert (grad.data_step, grad.scale, grad.mode, grad.step_rule) == ("gradient", 4800.0, "x0", "constant-total")
+    assert peers.our_guidance("gdp-project", "sr", 1.0).data_step == "project"
