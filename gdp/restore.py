@@ -51,10 +51,11 @@ def default_guidance(task: str, *, scale: float | None = None, mode: Literal["x0
         color_weight = PAPER_COLOR_WEIGHT if task == "colorize" and step_rule == "paper" else 0.0
     if data_step in (None, "auto"):
         data_step = "gradient" if step_rule == "paper" or mode == "xt" else DEFAULT_DATA_STEPS[task]
-    solved = {} if data_step == "gradient" else SOLVED_DEFAULTS
+    solved = {} if data_step == "gradient" else dict(SOLVED_DEFAULTS)
+    if cg_iters:
+        solved["cg_iters"] = cg_iters
     return Guidance(scale=scale, mode=mode, color_weight=color_weight, exposure_weight=exposure_weight,
-                    step_rule=step_rule, size_rule=size_rule, data_step=data_step, sigma_y=sigma_y,
-                    **{**solved, **({"cg_iters": cg_iters} if cg_iters else {})})
+                    step_rule=step_rule, size_rule=size_rule, data_step=data_step, sigma_y=sigma_y, **solved)
 
 
 def operator_options(task: str, *, factor: int = 4, filter: str = "avgpool", sigma: float | None = None,
